@@ -1,0 +1,119 @@
+//! JSON bodies of the agent's local HTTP API (unix socket), read by `meshctl`, `mesh-cni`
+//! and tests. Key names are a public contract (ARCHITECTURE.md, Interfaces): extend, never rename.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct NodeInfo {
+    pub name: String,
+    pub id: String,
+    pub incarnation: u64,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct IpamSummary {
+    pub range: String,
+    pub status: String,
+}
+
+/// `GET /v1/status`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct StatusResponse {
+    pub node: NodeInfo,
+    pub ready: bool,
+    /// Number of peers this node knows, itself included, in any state.
+    pub peers: usize,
+    /// Peers by liveness (`alive`, `suspect`, `dead`, `left`).
+    pub peer_states: BTreeMap<String, usize>,
+    /// Control connections by state (`established`, `pending`, `retrying`, `failed`).
+    pub connections: BTreeMap<String, usize>,
+    pub ipam: IpamSummary,
+    /// `mutual-tls (cluster secret)` or `insecure-no-auth`.
+    pub auth: String,
+    pub listen: String,
+    pub dataplane: String,
+    pub protocol: ProtocolRange,
+    pub agent_version: String,
+    pub uptime_seconds: u64,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ProtocolRange {
+    pub min: u16,
+    pub max: u16,
+}
+
+/// One link in a peer's gossiped connection list.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct PeerLink {
+    /// The other end's name (or id when its name is not known yet).
+    pub peer: String,
+    pub peer_id: String,
+    pub direction: String,
+    pub state: String,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct PeerView {
+    pub name: String,
+    pub id: String,
+    /// `alive`, `suspect`, `dead` or `left`.
+    pub state: String,
+    pub incarnation: u64,
+    pub version: u64,
+    pub addresses: Vec<String>,
+    pub connections: Vec<PeerLink>,
+    /// True for the node answering the request.
+    #[serde(rename = "self")]
+    pub is_self: bool,
+    pub dataplanes: Vec<String>,
+    /// Seconds since this node last saw the peer's liveness change.
+    pub state_age_seconds: u64,
+}
+
+/// `GET /v1/status/peers`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct PeersResponse {
+    pub peers: Vec<PeerView>,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ConnectionView {
+    /// The peer's name once the handshake told us, else empty.
+    pub peer: String,
+    pub peer_id: String,
+    pub address: String,
+    /// `in` or `out`.
+    pub direction: String,
+    /// `established`, `pending`, `retrying: <why>`, `failed: <why>`.
+    pub state: String,
+    /// The reason behind the state, empty when established.
+    pub reason: String,
+    /// The data plane in use towards this peer (`none` for a control-plane-only agent).
+    pub dataplane: String,
+    /// Seconds since the state last changed.
+    pub since_seconds: u64,
+}
+
+/// `GET /v1/status/connections`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ConnectionsResponse {
+    pub connections: Vec<ConnectionView>,
+}
+
+/// `GET /v1/report`: everything in one document.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Report {
+    pub status: StatusResponse,
+    pub peers: PeersResponse,
+    pub connections: ConnectionsResponse,
+}
+
+/// Every error answer of the local API.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ErrorBody {
+    pub error: String,
+    pub code: String,
+}
