@@ -1,3 +1,11 @@
-//! mesh-agent: the node daemon's library. One folder per concern (see ARCHITECTURE.md).
+//! mesh-agent: the node daemon's library. One folder per concern (see ARCHITECTURE.md):
+//! `mesh/` (peers, gossip, failure detection), `transport/` (QUIC + TLS), `store/`
+//! (durable state), `api/` (local API, metrics), `config.rs` (flags).
 
+pub mod agent;
+pub mod api;
+pub mod cli_render;
+pub mod config;
 pub mod mesh;
+pub mod store;
+pub mod transport;

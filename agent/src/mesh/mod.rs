@@ -15,3 +15,6 @@ pub mod probe;
 pub use self::config::CoreConfig;
 pub use self::core::{Input, MeshCore, MeshEvent, Output};
 pub use self::membership::Member;
+pub mod driver;
+pub mod links;
+pub mod status;

@@ -1,0 +1,120 @@
+//! Start-up and shutdown: turns a validated configuration into running parts (store,
+//! TLS, QUIC endpoint, driver, local API, metrics) and tears them down on a signal.
+
+use std::sync::Arc;
+
+use anyhow::{Context, Result};
+use mesh_proto::peer::Capabilities;
+use mesh_proto::PeerRecord;
+use tokio::sync::{mpsc, watch};
+use tracing::{info, warn};
+
+use crate::api::{metrics::Metrics, server};
+use crate::config::{AgentConfig, Dataplane};
+use crate::mesh::driver::{Driver, DriverConfig};
+use crate::mesh::status::StaticInfo;
+use crate::mesh::{CoreConfig, MeshCore};
+use crate::store::Store;
+use crate::transport::tls::{self, Auth};
+
+pub async fn run(cfg: AgentConfig) -> Result<()> {
+    let resolved = cfg.resolve()?;
+    if cfg.dataplane != Dataplane::None {
+        warn!(dataplane = cfg.dataplane.as_str(), "data-plane backends are not built yet; running the control plane only");
+    }
+    let auth = match resolved.secret.clone() {
+        Some(s) => Auth::ClusterSecret(s),
+        None => {
+            warn!("running with --insecure-no-auth: any host that reaches the listen port can join this mesh");
+            Auth::InsecureNoAuth
+        }
+    };
+    let store = Arc::new(Store::open(&cfg.state_dir)?);
+    let identity = store.start_identity(&resolved.node_name, || tls::generate_node_key().unwrap_or_default())?;
+    if identity.node_key.is_empty() {
+        anyhow::bail!("cannot generate a node key");
+    }
+    if let Some(old) = &identity.renamed_from {
+        warn!(old = %old, new = %resolved.node_name, "node name changed since the last run; keeping the same peer id");
+    }
+    let crypto = tls::endpoint_crypto(&auth, &resolved.node_name, &identity.node_key)?;
+    let mut endpoint = quinn::Endpoint::server(crypto.server, cfg.listen)
+        .with_context(|| format!("cannot listen on {} (UDP): is another agent running?", cfg.listen))?;
+    endpoint.set_default_client_config(crypto.client);
+
+    let record = PeerRecord {
+        id: identity.peer_id,
+        name: resolved.node_name.clone(),
+        incarnation: identity.incarnation,
+        version: 0,
+        addresses: vec![resolved.advertise],
+        capabilities: Capabilities {
+            dataplanes: Vec::new(),
+            vtep_mac: None,
+            vxlan_port: None,
+            authenticated: matches!(auth, Auth::ClusterSecret(_)),
+        },
+        connections: Vec::new(),
+    };
+    let core_cfg = CoreConfig { seed: identity.peer_id.0 ^ identity.incarnation, ..CoreConfig::default() };
+    let core = MeshCore::new(core_cfg, record, std::time::Instant::now());
+    let metrics = Metrics::new();
+    let info = StaticInfo {
+        auth: auth.describe().to_string(),
+        listen: cfg.listen.to_string(),
+        dataplane: cfg.dataplane.as_str().to_string(),
+        ipam_range: cfg.ipalloc_range.clone(),
+        protocol: resolved.protocol,
+    };
+    let driver_cfg = DriverConfig {
+        persistent_peers: resolved.peers.clone(),
+        max_connections: cfg.max_connections,
+        protocol: resolved.protocol,
+        info,
+    };
+    let driver = Driver::new(core, driver_cfg, store.clone(), endpoint, metrics.clone());
+
+    let (api_tx, api_rx) = mpsc::channel(64);
+    let api_listener = server::bind_socket(&cfg.socket).await?;
+    let metrics_listener = tokio::net::TcpListener::bind(cfg.metrics_addr)
+        .await
+        .with_context(|| format!("cannot bind --metrics-addr {}", cfg.metrics_addr))?;
+    tokio::spawn(server::serve_api(api_listener, api_tx, cfg.socket.clone()));
+    tokio::spawn(server::serve_metrics(metrics_listener, metrics));
+
+    info!(
+        node = %resolved.node_name,
+        id = %identity.peer_id,
+        incarnation = identity.incarnation,
+        listen = %cfg.listen,
+        advertise = %resolved.advertise,
+        peers = resolved.peers.len(),
+        auth = auth.describe(),
+        socket = %cfg.socket.display(),
+        metrics = %cfg.metrics_addr,
+        "mesh-agent started"
+    );
+
+    let (shutdown_tx, shutdown_rx) = watch::channel(false);
+    tokio::spawn(async move {
+        wait_for_signal().await;
+        let _ = shutdown_tx.send(true);
+    });
+    driver.run(api_rx, shutdown_rx).await;
+    let _ = std::fs::remove_file(&cfg.socket);
+    info!("mesh-agent stopped");
+    Ok(())
+}
+
+async fn wait_for_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else {
+        // Without signal handlers the agent still runs; it just cannot leave politely.
+        std::future::pending::<()>().await;
+        return;
+    };
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = int.recv() => {}
+    }
+}

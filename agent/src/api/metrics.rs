@@ -1,0 +1,85 @@
+//! Prometheus metrics (prometheus-client), served on `--metrics-addr` (loopback by default).
+//!
+//! Counters are bumped by the driver as things happen; gauges are refreshed from the
+//! driver's state on every maintenance tick, so a scrape never waits on the driver.
+
+use std::sync::Arc;
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::registry::Registry;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct StateLabel {
+    pub state: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct GossipLabel {
+    pub direction: &'static str,
+    pub kind: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct DirectionLabel {
+    pub direction: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct EventLabel {
+    pub event: &'static str,
+}
+
+pub struct Metrics {
+    pub registry: Registry,
+    pub connections: Family<StateLabel, Gauge>,
+    pub peers: Family<StateLabel, Gauge>,
+    pub gossip_messages: Family<GossipLabel, Counter>,
+    pub gossip_bytes: Family<DirectionLabel, Counter>,
+    pub gossip_dropped: Counter,
+    pub detector_events: Family<EventLabel, Counter>,
+    pub connection_failures: Family<DirectionLabel, Counter>,
+}
+
+impl Metrics {
+    pub fn new() -> Arc<Metrics> {
+        let mut registry = Registry::with_prefix("mesh");
+        let connections = Family::<StateLabel, Gauge>::default();
+        registry.register("connections", "Control connections by state", connections.clone());
+        let peers = Family::<StateLabel, Gauge>::default();
+        registry.register("peers", "Known peers by liveness state, this node included", peers.clone());
+        let gossip_messages = Family::<GossipLabel, Counter>::default();
+        registry.register("gossip_messages", "Topology gossip messages by direction and kind", gossip_messages.clone());
+        let gossip_bytes = Family::<DirectionLabel, Counter>::default();
+        registry.register("gossip_bytes", "Topology gossip bytes on the wire by direction", gossip_bytes.clone());
+        let gossip_dropped = Counter::default();
+        registry.register("gossip_dropped", "Gossip messages dropped because a peer's send queue was full or no connection came up", gossip_dropped.clone());
+        let detector_events = Family::<EventLabel, Counter>::default();
+        registry.register(
+            "failure_detector_events",
+            "Failure detector events: probe_failed, indirect_probe, suspect, dead, alive, left, refuted",
+            detector_events.clone(),
+        );
+        let connection_failures = Family::<DirectionLabel, Counter>::default();
+        registry.register("connection_failures", "Failed dials (out) and refused or failed inbound connections (in)", connection_failures.clone());
+        Arc::new(Metrics {
+            registry,
+            connections,
+            peers,
+            gossip_messages,
+            gossip_bytes,
+            gossip_dropped,
+            detector_events,
+            connection_failures,
+        })
+    }
+
+    pub fn encode(&self) -> String {
+        let mut out = String::new();
+        // Encoding into a String cannot fail.
+        let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
+        out
+    }
+}

@@ -1,0 +1,145 @@
+//! Human output of `meshctl`: aligned tables and a Graphviz view. Pure string building.
+
+use std::fmt::Write;
+
+use mesh_proto::api::{ConnectionsResponse, PeersResponse, StatusResponse};
+
+/// Left-aligned columns separated by two spaces.
+pub fn table(header: &[&str], rows: &[Vec<String>]) -> String {
+    let mut widths: Vec<usize> = header.iter().map(|h| h.len()).collect();
+    for row in rows {
+        for (i, cell) in row.iter().enumerate() {
+            if i < widths.len() {
+                widths[i] = widths[i].max(cell.chars().count());
+            }
+        }
+    }
+    let mut out = String::new();
+    let mut line = |cells: Vec<&str>| {
+        let mut l = String::new();
+        for (i, c) in cells.iter().enumerate() {
+            if i + 1 == cells.len() {
+                l.push_str(c);
+            } else {
+                let _ = write!(l, "{c:<w$}  ", w = widths[i]);
+            }
+        }
+        out.push_str(l.trim_end());
+        out.push('\n');
+    };
+    line(header.to_vec());
+    for row in rows {
+        line(row.iter().map(String::as_str).collect());
+    }
+    out
+}
+
+fn counts(map: &std::collections::BTreeMap<String, usize>) -> String {
+    if map.is_empty() {
+        return "none".into();
+    }
+    map.iter().map(|(k, v)| format!("{v} {k}")).collect::<Vec<_>>().join(", ")
+}
+
+pub fn summary(s: &StatusResponse) -> String {
+    let rows = [
+        ("Version", format!("{} (protocol {}..={})", s.agent_version, s.protocol.min, s.protocol.max)),
+        ("Node", format!("{} ({}), incarnation {}", s.node.name, s.node.id, s.node.incarnation)),
+        ("Listen", s.listen.clone()),
+        ("Authentication", s.auth.clone()),
+        ("Data plane", s.dataplane.clone()),
+        ("Ready", if s.ready { "yes".into() } else { "no".into() }),
+        ("Peers", format!("{} ({})", s.peers, counts(&s.peer_states))),
+        ("Connections", format!("{} ({})", s.connections.values().sum::<usize>(), counts(&s.connections))),
+        ("IPAM", format!("{}: {}", s.ipam.range, s.ipam.status)),
+        ("Uptime", format!("{} s", s.uptime_seconds)),
+    ];
+    let mut out = String::new();
+    for (k, v) in rows {
+        let _ = writeln!(out, "{k:>15}: {v}");
+    }
+    if s.auth.contains("insecure") {
+        out.push_str("\nWARNING: this agent runs without authentication (--insecure-no-auth): anyone who can reach it can join.\n");
+    }
+    out
+}
+
+pub fn peers(p: &PeersResponse) -> String {
+    let rows: Vec<Vec<String>> = p
+        .peers
+        .iter()
+        .map(|v| {
+            let links = v
+                .connections
+                .iter()
+                .map(|c| format!("{}{}", if c.direction == "out" { "->" } else { "<-" }, c.peer))
+                .collect::<Vec<_>>()
+                .join(" ");
+            vec![
+                if v.is_self { format!("{} (self)", v.name) } else { v.name.clone() },
+                v.id.clone(),
+                v.state.clone(),
+                v.incarnation.to_string(),
+                v.addresses.join(","),
+                links,
+            ]
+        })
+        .collect();
+    table(&["NAME", "ID", "STATE", "INC", "ADDRESS", "CONNECTIONS"], &rows)
+}
+
+pub fn peers_dot(p: &PeersResponse) -> String {
+    let mut out = String::from("digraph mesh {\n  node [shape=box, style=rounded];\n");
+    for v in &p.peers {
+        let color = match v.state.as_str() {
+            "alive" => "black",
+            "suspect" => "orange",
+            _ => "gray",
+        };
+        let _ = writeln!(out, "  \"{}\" [label=\"{}\\n{}\\n{}\", color={color}];", v.id, v.name, v.id, v.state);
+    }
+    for v in &p.peers {
+        for c in v.connections.iter().filter(|c| c.direction == "out") {
+            let _ = writeln!(out, "  \"{}\" -> \"{}\";", v.id, c.peer_id);
+        }
+    }
+    out.push_str("}\n");
+    out
+}
+
+pub fn connections(c: &ConnectionsResponse) -> String {
+    if c.connections.is_empty() {
+        return "no connections (no --peers given and nobody has connected yet)\n".into();
+    }
+    let rows: Vec<Vec<String>> = c
+        .connections
+        .iter()
+        .map(|v| {
+            let peer = match (v.peer.is_empty(), v.peer_id.is_empty()) {
+                (false, _) => format!("{} ({})", v.peer, v.peer_id),
+                (true, false) => v.peer_id.clone(),
+                (true, true) => "-".into(),
+            };
+            vec![
+                if v.direction == "out" { "->".into() } else { "<-".into() },
+                v.address.clone(),
+                peer,
+                v.dataplane.clone(),
+                format!("{}s", v.since_seconds),
+                v.state.clone(),
+            ]
+        })
+        .collect();
+    table(&["DIR", "ADDRESS", "PEER", "DATAPLANE", "SINCE", "STATE"], &rows)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn table_aligns_columns() {
+        let t = table(&["A", "BB"], &[vec!["xxx".into(), "y".into()], vec!["z".into(), "w".into()]]);
+        assert_eq!(t, "A    BB\nxxx  y\nz    w\n");
+    }
+}

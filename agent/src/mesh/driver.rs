@@ -1,0 +1,391 @@
+//! The async driver: wires `MeshCore` to the QUIC transport, timers, the store and the
+//! local API. It owns the core and the connection book; everything reaches it through one
+//! channel of events, so no lock guards mesh state.
+
+use std::collections::BTreeSet;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use mesh_proto::api::{ConnectionsResponse, PeersResponse, Report};
+use mesh_proto::gossip::{GossipMessage, Liveness};
+use mesh_proto::wire::{self, Frame};
+use mesh_proto::{PeerId, PeerRecord};
+use tokio::sync::{mpsc, oneshot, watch};
+use tracing::{debug, info, warn};
+
+use super::core::{Input, MeshCore, MeshEvent, Output};
+use super::links::{preferred_dialer, DialRole, Link, Links};
+use super::status::{self, StaticInfo};
+use crate::api::metrics::{DirectionLabel, EventLabel, GossipLabel, Metrics, StateLabel};
+use crate::store::Store;
+use crate::transport::connection::{self, Direction, Local, TransportEvent, CLOSE_DUPLICATE, CLOSE_IDLE, CLOSE_REFUSED, CLOSE_SHUTDOWN};
+
+/// Connection housekeeping period (dials, idle closes, gauges).
+const MAINTENANCE: Duration = Duration::from_millis(500);
+/// An outbound link that is neither a neighbour nor from `--peers` closes after this idle time.
+const IDLE_CLOSE: Duration = Duration::from_secs(30);
+const SEND_QUEUE: usize = 256;
+
+pub enum ApiRequest {
+    Report(oneshot::Sender<Report>),
+}
+
+pub struct DriverConfig {
+    pub persistent_peers: Vec<SocketAddr>,
+    pub max_connections: usize,
+    pub protocol: (u16, u16),
+    pub info: StaticInfo,
+}
+
+pub struct Driver {
+    core: MeshCore,
+    cfg: DriverConfig,
+    store: Arc<Store>,
+    endpoint: quinn::Endpoint,
+    local: Local,
+    own_tx: watch::Sender<PeerRecord>,
+    events_tx: mpsc::Sender<TransportEvent>,
+    events_rx: mpsc::Receiver<TransportEvent>,
+    links: Links,
+    metrics: Arc<Metrics>,
+    started: Instant,
+}
+
+impl Driver {
+    pub fn new(core: MeshCore, cfg: DriverConfig, store: Arc<Store>, endpoint: quinn::Endpoint, metrics: Arc<Metrics>) -> Driver {
+        let (own_tx, own_rx) = watch::channel(core.own_record().clone());
+        let (events_tx, events_rx) = mpsc::channel(4096);
+        let local = Local { record: own_rx, protocol: cfg.protocol };
+        let mut links = Links::default();
+        let now = Instant::now();
+        for addr in &cfg.persistent_peers {
+            links.want(*addr, None, DialRole::Persistent, now);
+        }
+        Driver { core, cfg, store, endpoint, local, own_tx, events_tx, events_rx, links, metrics, started: now }
+    }
+
+    /// Runs until `shutdown` fires, then leaves the mesh politely.
+    pub async fn run(mut self, mut api: mpsc::Receiver<ApiRequest>, mut shutdown: watch::Receiver<bool>) {
+        let endpoint = self.endpoint.clone();
+        let mut maintenance = tokio::time::interval(MAINTENANCE);
+        maintenance.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            let wake = tokio::time::Instant::from_std(self.core.poll_timeout());
+            tokio::select! {
+                _ = tokio::time::sleep_until(wake) => self.feed(Input::Timer),
+                Some(ev) = self.events_rx.recv() => self.on_transport(ev),
+                incoming = endpoint.accept() => match incoming {
+                    Some(incoming) => {
+                        tokio::spawn(connection::accept(incoming, self.local.clone(), self.events_tx.clone()));
+                    }
+                    None => break,
+                },
+                Some(req) = api.recv() => self.on_api(req),
+                _ = maintenance.tick() => self.maintain(),
+                _ = shutdown.changed() => break,
+            }
+        }
+        self.leave().await;
+    }
+
+    async fn leave(&mut self) {
+        info!("leaving the mesh");
+        self.feed(Input::Leave);
+        // Let the departure notices reach the wire before the connections close.
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        for link in self.links.links.values() {
+            link.conn.close(CLOSE_SHUTDOWN.into(), b"agent shutting down");
+        }
+        let _ = tokio::time::timeout(Duration::from_secs(1), self.endpoint.wait_idle()).await;
+    }
+
+    /// Feeds the core one input and carries out what it asks for.
+    fn feed(&mut self, input: Input) {
+        let now = Instant::now();
+        let before = self.core.own_record().content_key();
+        let outputs = self.core.handle(now, input);
+        for out in outputs {
+            match out {
+                Output::Send { to, msg } => self.send(to, msg, now),
+                Output::SetNeighbours(set) => self.set_neighbours(&set, now),
+                Output::PersistIncarnation(inc) => {
+                    if let Err(e) = self.store.raise_incarnation(inc) {
+                        warn!(error = %e, "cannot store the new incarnation; a restart may reuse it");
+                    }
+                }
+                Output::Event(e) => self.on_event(e),
+            }
+        }
+        if self.core.own_record().content_key() != before {
+            self.own_tx.send_replace(self.core.own_record().clone());
+        }
+    }
+
+    fn send(&mut self, to: PeerId, msg: GossipMessage, now: Instant) {
+        let kind = msg.kind();
+        let frame = match wire::encode_frame(&Frame::Gossip(msg)) {
+            Ok(f) => f,
+            Err(e) => {
+                warn!(peer = %to, error = %e, "cannot encode a gossip message");
+                return;
+            }
+        };
+        let bytes = frame.len() as u64;
+        let sent = if let Some(link) = self.links.links.get_mut(&to) {
+            link.last_used = now;
+            link.tx.try_send(frame).is_ok()
+        } else if let Some(addr) = self.address_of(&to) {
+            self.links.want(addr, Some(to), DialRole::OnDemand, now);
+            self.dial_due(now);
+            self.links.hold(to, frame)
+        } else {
+            false
+        };
+        if sent {
+            self.metrics.gossip_messages.get_or_create(&GossipLabel { direction: "out", kind }).inc();
+            self.metrics.gossip_bytes.get_or_create(&DirectionLabel { direction: "out" }).inc_by(bytes);
+        } else {
+            self.metrics.gossip_dropped.inc();
+        }
+    }
+
+    fn address_of(&self, peer: &PeerId) -> Option<SocketAddr> {
+        self.core.member(peer).and_then(|m| m.record.addresses.first().copied())
+    }
+
+    fn set_neighbours(&mut self, set: &BTreeSet<PeerId>, now: Instant) {
+        debug!(neighbours = set.len(), "neighbour set changed");
+        for peer in set {
+            if let Some(addr) = self.address_of(peer) {
+                self.links.want(addr, Some(*peer), DialRole::Neighbour, now);
+            }
+        }
+        // Neighbour dials that are no longer wanted drop back to on-demand.
+        for d in self.links.dials.values_mut() {
+            if d.role == DialRole::Neighbour && !d.peer.is_some_and(|p| set.contains(&p)) {
+                d.role = DialRole::OnDemand;
+            }
+        }
+        self.dial_due(now);
+    }
+
+    fn on_event(&mut self, e: MeshEvent) {
+        let label = |event: &'static str| EventLabel { event };
+        match e {
+            MeshEvent::StateChanged { peer, name, from, to } => {
+                let event = match to {
+                    Liveness::Alive => "alive",
+                    Liveness::Suspect => "suspect",
+                    Liveness::Dead => "dead",
+                    Liveness::Left => "left",
+                };
+                self.metrics.detector_events.get_or_create(&label(event)).inc();
+                let from = from.map_or("unknown", Liveness::as_str);
+                info!(peer = %peer, name = %name, from, to = to.as_str(), "peer state changed");
+            }
+            MeshEvent::Refuted { incarnation } => {
+                self.metrics.detector_events.get_or_create(&label("refuted")).inc();
+                info!(incarnation, "refuted a suspicion about this node");
+            }
+            MeshEvent::ProbeFailed { peer } => {
+                self.metrics.detector_events.get_or_create(&label("probe_failed")).inc();
+                debug!(peer = %peer, "probe failed");
+            }
+            MeshEvent::IndirectProbe { peer } => {
+                self.metrics.detector_events.get_or_create(&label("indirect_probe")).inc();
+                debug!(peer = %peer, "direct probe late; probing through relays");
+            }
+            MeshEvent::Forgotten { peer } => debug!(peer = %peer, "forgot a long-dead peer"),
+        }
+    }
+
+    fn on_transport(&mut self, ev: TransportEvent) {
+        let now = Instant::now();
+        match ev {
+            TransportEvent::Established(est) => self.on_established(*est, now),
+            TransportEvent::DialFailed { addr, reason } => {
+                let first = self.links.dials.get(&addr).is_some_and(|d| d.last_error.as_deref() != Some(reason.as_str()));
+                let role = self.links.dials.get(&addr).map(|d| d.role);
+                self.links.dial_failed(addr, reason.clone(), now);
+                self.metrics.connection_failures.get_or_create(&DirectionLabel { direction: "out" }).inc();
+                if first && role != Some(DialRole::OnDemand) {
+                    warn!(address = %addr, reason = %reason, "cannot connect");
+                } else {
+                    debug!(address = %addr, reason = %reason, "cannot connect");
+                }
+            }
+            TransportEvent::InboundFailed { addr, reason } => {
+                let repeated = self.links.inbound_failures.get(&addr).is_some_and(|(r, _)| *r == reason);
+                if repeated {
+                    debug!(address = %addr, reason = %reason, "refused an inbound connection again");
+                } else {
+                    warn!(address = %addr, reason = %reason, "refused an inbound connection");
+                }
+                self.metrics.connection_failures.get_or_create(&DirectionLabel { direction: "in" }).inc();
+                self.links.inbound_failed(addr, reason, now);
+            }
+            TransportEvent::Frame { conn_id, peer, frame, bytes } => {
+                let Some(link) = self.links.links.get_mut(&peer).filter(|l| l.id == conn_id) else {
+                    return;
+                };
+                link.last_used = now;
+                match frame {
+                    Frame::Gossip(msg) => {
+                        let kind = msg.kind();
+                        self.metrics.gossip_messages.get_or_create(&GossipLabel { direction: "in", kind }).inc();
+                        self.metrics.gossip_bytes.get_or_create(&DirectionLabel { direction: "in" }).inc_by(bytes as u64);
+                        self.feed(Input::Message { from: peer, msg });
+                    }
+                }
+            }
+            TransportEvent::Closed { conn_id, peer, reason } => {
+                if self.links.links.get(&peer).is_some_and(|l| l.id == conn_id) {
+                    if let Some(link) = self.links.links.remove(&peer) {
+                        info!(peer = %peer, name = %link.name, address = %link.addr, reason = %reason, "connection lost");
+                    }
+                    self.links.link_lost(peer, &reason, now);
+                    self.feed(Input::PeerDisconnected { peer });
+                }
+            }
+        }
+    }
+
+    fn on_established(&mut self, est: connection::Established, now: Instant) {
+        let me = self.core.me();
+        let peer = est.peer.id;
+        let dialer = if est.direction == Direction::Out { me } else { peer };
+        if est.direction == Direction::Out {
+            self.links.dial_succeeded(est.addr, peer, now);
+        } else {
+            self.links.inbound_failures.remove(&est.addr);
+        }
+        if let Some(existing) = self.links.links.get(&peer) {
+            let existing_dialer = if existing.direction == Direction::Out { me } else { peer };
+            let keep_new = dialer == preferred_dialer(me, peer) && existing_dialer != dialer;
+            if !keep_new {
+                debug!(peer = %peer, "closing a duplicate connection");
+                est.conn.close(CLOSE_DUPLICATE.into(), b"duplicate connection");
+                return;
+            }
+            existing.conn.close(CLOSE_DUPLICATE.into(), b"duplicate connection");
+            self.links.links.remove(&peer);
+        } else if est.direction == Direction::In && self.links.links.len() >= self.cfg.max_connections {
+            let reason = format!("too many connections (limit {})", self.cfg.max_connections);
+            est.conn.close(CLOSE_REFUSED.into(), reason.as_bytes());
+            self.links.inbound_failed(est.addr, reason, now);
+            return;
+        }
+        let id = self.links.next_id();
+        let (tx, rx) = mpsc::channel(SEND_QUEUE);
+        let record = est.peer.clone();
+        let outbound = est.direction == Direction::Out;
+        info!(peer = %peer, name = %record.name, address = %est.addr, direction = est.direction.as_str(), version = est.version, "connection established");
+        let link = Link {
+            id,
+            name: record.name.clone(),
+            addr: est.addr,
+            direction: est.direction,
+            conn: est.conn.clone(),
+            tx: tx.clone(),
+            since: now,
+            last_used: now,
+        };
+        connection::run(id, est, self.events_tx.clone(), rx);
+        self.links.links.insert(peer, link);
+        for frame in self.links.pending.remove(&peer).unwrap_or_default() {
+            let _ = tx.try_send(frame);
+        }
+        self.feed(Input::PeerConnected { record, outbound });
+    }
+
+    /// Starts every dial whose time has come.
+    fn dial_due(&mut self, now: Instant) {
+        let mut start = Vec::new();
+        for (addr, d) in self.links.dials.iter_mut() {
+            let connected = d.peer.is_some_and(|p| self.links.links.contains_key(&p));
+            if connected || d.in_flight || now < d.next_try {
+                continue;
+            }
+            d.in_flight = true;
+            start.push(*addr);
+        }
+        for addr in start {
+            tokio::spawn(connection::dial(self.endpoint.clone(), addr, self.local.clone(), self.events_tx.clone()));
+        }
+    }
+
+    fn maintain(&mut self) {
+        let now = Instant::now();
+        self.dial_due(now);
+        // Forget on-demand targets that are idle and not needed.
+        let links = &self.links.links;
+        let pending = &self.links.pending;
+        self.links.dials.retain(|_, d| {
+            d.role != DialRole::OnDemand
+                || d.in_flight
+                || d.peer.is_some_and(|p| links.contains_key(&p) || pending.contains_key(&p))
+                || now < d.next_try
+        });
+        // Close outbound links nobody needs any more (the peer's own choices keep theirs).
+        let neighbours = self.core.neighbours().clone();
+        let persistent: BTreeSet<PeerId> = self
+            .links
+            .dials
+            .values()
+            .filter(|d| d.role == DialRole::Persistent)
+            .filter_map(|d| d.peer)
+            .collect();
+        let idle: Vec<PeerId> = self
+            .links
+            .links
+            .iter()
+            .filter(|(p, l)| {
+                l.direction == Direction::Out
+                    && !neighbours.contains(p)
+                    && !persistent.contains(p)
+                    && now.duration_since(l.last_used) > IDLE_CLOSE
+            })
+            .map(|(p, _)| *p)
+            .collect();
+        for peer in idle {
+            if let Some(link) = self.links.links.remove(&peer) {
+                debug!(peer = %peer, "closing an idle link to a non-neighbour");
+                link.conn.close(CLOSE_IDLE.into(), b"idle: not a neighbour");
+                self.feed(Input::PeerDisconnected { peer });
+            }
+        }
+        self.links.expire(now);
+        self.update_gauges(now);
+    }
+
+    fn update_gauges(&self, now: Instant) {
+        let report = self.report(now);
+        self.metrics.connections.clear();
+        for (state, n) in &report.status.connections {
+            self.metrics.connections.get_or_create(&StateLabel { state: state.clone() }).set(*n as i64);
+        }
+        self.metrics.peers.clear();
+        for (state, n) in &report.status.peer_states {
+            self.metrics.peers.get_or_create(&StateLabel { state: state.clone() }).set(*n as i64);
+        }
+    }
+
+    fn report(&self, now: Instant) -> Report {
+        let names = |p: &PeerId| self.core.member(p).map(|m| m.record.name.clone());
+        let connections = ConnectionsResponse { connections: self.links.views(names, &self.cfg.info.dataplane, now) };
+        let peers = PeersResponse { peers: status::peer_views(&self.core, now) };
+        let has_targets = !self.cfg.persistent_peers.is_empty();
+        let ready = !has_targets || !self.links.links.is_empty();
+        let status = status::summary(&self.core, &self.cfg.info, &connections, ready, now.duration_since(self.started));
+        Report { status, peers, connections }
+    }
+
+    fn on_api(&mut self, req: ApiRequest) {
+        match req {
+            ApiRequest::Report(reply) => {
+                let _ = reply.send(self.report(Instant::now()));
+            }
+        }
+    }
+}

@@ -1,0 +1,285 @@
+//! Who may connect: mutual TLS 1.3 where every node certificate is signed by a CA that
+//! every agent derives from the cluster secret.
+//!
+//! The CA key is Ed25519 with its seed = HKDF-SHA256(secret), so agents with the same
+//! secret trust each other without ever exchanging a certificate, and a peer with another
+//! secret fails the handshake (unknown issuer / bad signature) on both ends. Each node
+//! signs its own certificate at start with a key kept in the state store.
+//!
+//! `--insecure-no-auth` replaces this with self-signed certificates and a verifier that
+//! checks only the handshake signature: encrypted, but anyone can join. It is an explicit
+//! choice and `meshctl status` shows it.
+
+use std::sync::Arc;
+
+use rcgen::{
+    BasicConstraints, CertificateParams, DistinguishedName, DnType, IsCa, Issuer, KeyPair,
+    KeyUsagePurpose, PKCS_ED25519,
+};
+use ring::hkdf;
+use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+use rustls::crypto::{verify_tls13_signature, CryptoProvider};
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer, ServerName, UnixTime};
+use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
+use rustls::{DigitallySignedStruct, DistinguishedName as TlsDn, SignatureScheme};
+
+use mesh_proto::wire::ALPN;
+
+/// The name every node certificate carries and every dialer asks for.
+pub const SERVER_NAME: &str = "mesh.peer";
+const CA_LABEL: &[u8] = b"mesh cluster CA v1";
+
+#[derive(Debug, thiserror::Error)]
+pub enum TlsError {
+    #[error("cluster secret is too short ({0} bytes): use at least 16, e.g. `head -c 32 /dev/urandom | base64 > secret`")]
+    WeakSecret(usize),
+    #[error("certificate: {0}")]
+    Cert(#[from] rcgen::Error),
+    #[error("TLS configuration: {0}")]
+    Rustls(#[from] rustls::Error),
+    #[error("TLS verifier: {0}")]
+    Verifier(String),
+    #[error("QUIC crypto configuration: {0}")]
+    Quic(String),
+}
+
+/// How this agent authenticates peers.
+pub enum Auth {
+    ClusterSecret(Vec<u8>),
+    InsecureNoAuth,
+}
+
+impl Auth {
+    pub fn describe(&self) -> &'static str {
+        match self {
+            Auth::ClusterSecret(_) => "mutual-tls (cluster secret)",
+            Auth::InsecureNoAuth => "insecure-no-auth",
+        }
+    }
+}
+
+fn provider() -> Arc<CryptoProvider> {
+    Arc::new(rustls::crypto::ring::default_provider())
+}
+
+/// A fresh node key (PKCS#8 DER) to persist on first start.
+pub fn generate_node_key() -> Result<Vec<u8>, TlsError> {
+    Ok(KeyPair::generate_for(&PKCS_ED25519)?.serialize_der())
+}
+
+/// RFC 8410 PKCS#8 v1 wrapping of an Ed25519 seed.
+fn ed25519_pkcs8(seed: &[u8; 32]) -> Vec<u8> {
+    let mut der = vec![
+        0x30, 0x2e, 0x02, 0x01, 0x00, 0x30, 0x05, 0x06, 0x03, 0x2b, 0x65, 0x70, 0x04, 0x22, 0x04, 0x20,
+    ];
+    der.extend_from_slice(seed);
+    der
+}
+
+fn ca_key_from_secret(secret: &[u8]) -> Result<KeyPair, TlsError> {
+    if secret.len() < 16 {
+        return Err(TlsError::WeakSecret(secret.len()));
+    }
+    let prk = hkdf::Salt::new(hkdf::HKDF_SHA256, CA_LABEL).extract(secret);
+    let mut seed = [0u8; 32];
+    prk.expand(&[b"ca-key"], hkdf::HKDF_SHA256)
+        .and_then(|okm| okm.fill(&mut seed))
+        .map_err(|_| TlsError::Verifier("HKDF expansion failed".into()))?;
+    let der = ed25519_pkcs8(&seed);
+    let key = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(der));
+    Ok(KeyPair::from_der_and_sign_algo(&key, &PKCS_ED25519)?)
+}
+
+fn ca_params() -> CertificateParams {
+    let mut p = CertificateParams::default();
+    let mut dn = DistinguishedName::new();
+    dn.push(DnType::CommonName, "mesh cluster CA");
+    p.distinguished_name = dn;
+    p.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    p.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
+    p.not_before = rcgen::date_time_ymd(2024, 1, 1);
+    p.not_after = rcgen::date_time_ymd(2124, 1, 1);
+    p
+}
+
+fn node_params(node_name: &str) -> Result<CertificateParams, TlsError> {
+    let mut p = CertificateParams::new(vec![SERVER_NAME.to_string()])?;
+    let mut dn = DistinguishedName::new();
+    dn.push(DnType::CommonName, node_name);
+    p.distinguished_name = dn;
+    p.not_before = rcgen::date_time_ymd(2024, 1, 1);
+    p.not_after = rcgen::date_time_ymd(2124, 1, 1);
+    p.use_authority_key_identifier_extension = true;
+    Ok(p)
+}
+
+/// Both halves of the QUIC endpoint's crypto.
+pub struct EndpointCrypto {
+    pub server: quinn::ServerConfig,
+    pub client: quinn::ClientConfig,
+}
+
+pub fn endpoint_crypto(auth: &Auth, node_name: &str, node_key_der: &[u8]) -> Result<EndpointCrypto, TlsError> {
+    let node_key = KeyPair::try_from(node_key_der)?;
+    let key_der = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(node_key_der.to_vec()));
+    let params = node_params(node_name)?;
+    let provider = provider();
+    let (server, client) = match auth {
+        Auth::ClusterSecret(secret) => {
+            let ca_key = ca_key_from_secret(secret)?;
+            let ca_cert = ca_params().self_signed(&ca_key)?;
+            let issuer = Issuer::new(ca_params(), ca_key);
+            let cert = params.signed_by(&node_key, &issuer)?;
+            let chain = vec![cert.der().clone()];
+            let mut roots = rustls::RootCertStore::empty();
+            roots.add(ca_cert.der().clone())?;
+            let roots = Arc::new(roots);
+            let client_verifier =
+                rustls::server::WebPkiClientVerifier::builder_with_provider(roots.clone(), provider.clone())
+                    .build()
+                    .map_err(|e| TlsError::Verifier(e.to_string()))?;
+            let server = rustls::ServerConfig::builder_with_provider(provider.clone())
+                .with_protocol_versions(&[&rustls::version::TLS13])?
+                .with_client_cert_verifier(client_verifier)
+                .with_single_cert(chain.clone(), key_der.clone_key())?;
+            let client = rustls::ClientConfig::builder_with_provider(provider.clone())
+                .with_protocol_versions(&[&rustls::version::TLS13])?
+                .with_root_certificates(roots)
+                .with_client_auth_cert(chain, key_der)?;
+            (server, client)
+        }
+        Auth::InsecureNoAuth => {
+            let cert = params.self_signed(&node_key)?;
+            let chain = vec![cert.der().clone()];
+            let accept_any = Arc::new(AcceptAnyCert(provider.clone()));
+            let server = rustls::ServerConfig::builder_with_provider(provider.clone())
+                .with_protocol_versions(&[&rustls::version::TLS13])?
+                .with_client_cert_verifier(accept_any.clone())
+                .with_single_cert(chain.clone(), key_der.clone_key())?;
+            let client = rustls::ClientConfig::builder_with_provider(provider.clone())
+                .with_protocol_versions(&[&rustls::version::TLS13])?
+                .dangerous()
+                .with_custom_certificate_verifier(accept_any)
+                .with_client_auth_cert(chain, key_der)?;
+            (server, client)
+        }
+    };
+    Ok(EndpointCrypto { server: quic_server(server)?, client: quic_client(client)? })
+}
+
+fn transport_config() -> Arc<quinn::TransportConfig> {
+    let mut t = quinn::TransportConfig::default();
+    // Keep-alives make a dead peer's connection time out in 10 s rather than never.
+    t.keep_alive_interval(Some(std::time::Duration::from_secs(2)));
+    t.max_idle_timeout(Some(quinn::VarInt::from_u32(10_000).into()));
+    t.max_concurrent_uni_streams(0u8.into());
+    t.max_concurrent_bidi_streams(4u8.into());
+    Arc::new(t)
+}
+
+fn quic_server(mut cfg: rustls::ServerConfig) -> Result<quinn::ServerConfig, TlsError> {
+    cfg.alpn_protocols = vec![ALPN.to_vec()];
+    let crypto = quinn::crypto::rustls::QuicServerConfig::try_from(cfg)
+        .map_err(|e| TlsError::Quic(e.to_string()))?;
+    let mut server = quinn::ServerConfig::with_crypto(Arc::new(crypto));
+    server.transport_config(transport_config());
+    Ok(server)
+}
+
+fn quic_client(mut cfg: rustls::ClientConfig) -> Result<quinn::ClientConfig, TlsError> {
+    cfg.alpn_protocols = vec![ALPN.to_vec()];
+    let crypto = quinn::crypto::rustls::QuicClientConfig::try_from(cfg)
+        .map_err(|e| TlsError::Quic(e.to_string()))?;
+    let mut client = quinn::ClientConfig::new(Arc::new(crypto));
+    client.transport_config(transport_config());
+    Ok(client)
+}
+
+/// `--insecure-no-auth` only: accepts any certificate but still checks that the peer holds
+/// the key it presents (the handshake signature), so the session is encrypted end to end.
+#[derive(Debug)]
+struct AcceptAnyCert(Arc<CryptoProvider>);
+
+impl AcceptAnyCert {
+    fn verify13(&self, message: &[u8], cert: &CertificateDer<'_>, dss: &DigitallySignedStruct) -> Result<HandshakeSignatureValid, rustls::Error> {
+        verify_tls13_signature(message, cert, dss, &self.0.signature_verification_algorithms)
+    }
+}
+
+impl ServerCertVerifier for AcceptAnyCert {
+    fn verify_server_cert(&self, _: &CertificateDer<'_>, _: &[CertificateDer<'_>], _: &ServerName<'_>, _: &[u8], _: UnixTime) -> Result<ServerCertVerified, rustls::Error> {
+        Ok(ServerCertVerified::assertion())
+    }
+    fn verify_tls12_signature(&self, _: &[u8], _: &CertificateDer<'_>, _: &DigitallySignedStruct) -> Result<HandshakeSignatureValid, rustls::Error> {
+        Err(rustls::Error::General("TLS 1.2 is not used by mesh".into()))
+    }
+    fn verify_tls13_signature(&self, message: &[u8], cert: &CertificateDer<'_>, dss: &DigitallySignedStruct) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.verify13(message, cert, dss)
+    }
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.0.signature_verification_algorithms.supported_schemes()
+    }
+}
+
+impl ClientCertVerifier for AcceptAnyCert {
+    fn root_hint_subjects(&self) -> &[TlsDn] {
+        &[]
+    }
+    fn verify_client_cert(&self, _: &CertificateDer<'_>, _: &[CertificateDer<'_>], _: UnixTime) -> Result<ClientCertVerified, rustls::Error> {
+        Ok(ClientCertVerified::assertion())
+    }
+    fn verify_tls12_signature(&self, _: &[u8], _: &CertificateDer<'_>, _: &DigitallySignedStruct) -> Result<HandshakeSignatureValid, rustls::Error> {
+        Err(rustls::Error::General("TLS 1.2 is not used by mesh".into()))
+    }
+    fn verify_tls13_signature(&self, message: &[u8], cert: &CertificateDer<'_>, dss: &DigitallySignedStruct) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.verify13(message, cert, dss)
+    }
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.0.signature_verification_algorithms.supported_schemes()
+    }
+}
+
+/// Turns a QUIC connection error into the reason shown in `meshctl status connections`,
+/// naming authentication failures as such.
+pub fn describe_connection_error(e: &quinn::ConnectionError) -> String {
+    use quinn::ConnectionError as E;
+    let alert = |code: u64| (0x100..0x200).contains(&code).then(|| (code - 0x100) as u8);
+    match e {
+        E::TransportError(t) if alert(u64::from(t.code)).is_some() => {
+            format!("authentication failed: {}{}", t.reason, hint(alert(u64::from(t.code))))
+        }
+        E::ConnectionClosed(c) if alert(u64::from(c.error_code)).is_some() => {
+            let code = alert(u64::from(c.error_code));
+            format!("authentication failed: peer rejected the TLS handshake ({}){}", alert_name(code), hint(code))
+        }
+        E::ApplicationClosed(c) => {
+            let reason = String::from_utf8_lossy(&c.reason);
+            format!("closed by peer: {reason}")
+        }
+        E::TimedOut => "timed out (no answer from peer)".to_string(),
+        other => other.to_string(),
+    }
+}
+
+/// TLS alert descriptions (RFC 8446 §6) for the alerts a failed mesh handshake produces.
+fn alert_name(code: Option<u8>) -> String {
+    match code {
+        Some(40) => "handshake_failure".into(),
+        Some(42) => "bad_certificate".into(),
+        Some(48) => "unknown_ca".into(),
+        Some(51) => "decrypt_error: certificate signature does not verify".into(),
+        Some(116) => "certificate_required".into(),
+        Some(120) => "no_application_protocol: peer does not speak mesh/1".into(),
+        Some(c) => format!("TLS alert {c}"),
+        None => "unknown".into(),
+    }
+}
+
+/// What a person should check for the usual causes.
+fn hint(code: Option<u8>) -> &'static str {
+    match code {
+        Some(42 | 48 | 51) => " (different cluster secret? both ends need the same --secret-file)",
+        Some(116) => " (peer runs with --insecure-no-auth while we require a cluster secret, or the reverse)",
+        _ => "",
+    }
+}
