@@ -20,7 +20,10 @@ use crate::transport::tls::{self, Auth};
 pub async fn run(cfg: AgentConfig) -> Result<()> {
     let resolved = cfg.resolve()?;
     if cfg.dataplane != Dataplane::None {
-        warn!(dataplane = cfg.dataplane.as_str(), "data-plane backends are not built yet; running the control plane only");
+        warn!(
+            dataplane = cfg.dataplane.as_str(),
+            "data-plane backends are not built yet; running the control plane only"
+        );
     }
     let auth = match resolved.secret.clone() {
         Some(s) => Auth::ClusterSecret(s),
@@ -30,7 +33,9 @@ pub async fn run(cfg: AgentConfig) -> Result<()> {
         }
     };
     let store = Arc::new(Store::open(&cfg.state_dir)?);
-    let identity = store.start_identity(&resolved.node_name, || tls::generate_node_key().unwrap_or_default())?;
+    let identity = store.start_identity(&resolved.node_name, || {
+        tls::generate_node_key().unwrap_or_default()
+    })?;
     if identity.node_key.is_empty() {
         anyhow::bail!("cannot generate a node key");
     }
@@ -38,8 +43,12 @@ pub async fn run(cfg: AgentConfig) -> Result<()> {
         warn!(old = %old, new = %resolved.node_name, "node name changed since the last run; keeping the same peer id");
     }
     let crypto = tls::endpoint_crypto(&auth, &resolved.node_name, &identity.node_key)?;
-    let mut endpoint = quinn::Endpoint::server(crypto.server, cfg.listen)
-        .with_context(|| format!("cannot listen on {} (UDP): is another agent running?", cfg.listen))?;
+    let mut endpoint = quinn::Endpoint::server(crypto.server, cfg.listen).with_context(|| {
+        format!(
+            "cannot listen on {} (UDP): is another agent running?",
+            cfg.listen
+        )
+    })?;
     endpoint.set_default_client_config(crypto.client);
 
     let record = PeerRecord {
@@ -56,7 +65,10 @@ pub async fn run(cfg: AgentConfig) -> Result<()> {
         },
         connections: Vec::new(),
     };
-    let core_cfg = CoreConfig { seed: identity.peer_id.0 ^ identity.incarnation, ..CoreConfig::default() };
+    let core_cfg = CoreConfig {
+        seed: identity.peer_id.0 ^ identity.incarnation,
+        ..CoreConfig::default()
+    };
     let core = MeshCore::new(core_cfg, record, std::time::Instant::now());
     let metrics = Metrics::new();
     let info = StaticInfo {
@@ -108,7 +120,10 @@ pub async fn run(cfg: AgentConfig) -> Result<()> {
 
 async fn wait_for_signal() {
     use tokio::signal::unix::{signal, SignalKind};
-    let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else {
+    let (Ok(mut term), Ok(mut int)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) else {
         // Without signal handlers the agent still runs; it just cannot leave politely.
         std::future::pending::<()>().await;
         return;

@@ -38,19 +38,41 @@ fn counts(map: &std::collections::BTreeMap<String, usize>) -> String {
     if map.is_empty() {
         return "none".into();
     }
-    map.iter().map(|(k, v)| format!("{v} {k}")).collect::<Vec<_>>().join(", ")
+    map.iter()
+        .map(|(k, v)| format!("{v} {k}"))
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 pub fn summary(s: &StatusResponse) -> String {
     let rows = [
-        ("Version", format!("{} (protocol {}..={})", s.agent_version, s.protocol.min, s.protocol.max)),
-        ("Node", format!("{} ({}), incarnation {}", s.node.name, s.node.id, s.node.incarnation)),
+        (
+            "Version",
+            format!(
+                "{} (protocol {}..={})",
+                s.agent_version, s.protocol.min, s.protocol.max
+            ),
+        ),
+        (
+            "Node",
+            format!(
+                "{} ({}), incarnation {}",
+                s.node.name, s.node.id, s.node.incarnation
+            ),
+        ),
         ("Listen", s.listen.clone()),
         ("Authentication", s.auth.clone()),
         ("Data plane", s.dataplane.clone()),
         ("Ready", if s.ready { "yes".into() } else { "no".into() }),
         ("Peers", format!("{} ({})", s.peers, counts(&s.peer_states))),
-        ("Connections", format!("{} ({})", s.connections.values().sum::<usize>(), counts(&s.connections))),
+        (
+            "Connections",
+            format!(
+                "{} ({})",
+                s.connections.values().sum::<usize>(),
+                counts(&s.connections)
+            ),
+        ),
         ("IPAM", format!("{}: {}", s.ipam.range, s.ipam.status)),
         ("Uptime", format!("{} s", s.uptime_seconds)),
     ];
@@ -72,11 +94,21 @@ pub fn peers(p: &PeersResponse) -> String {
             let links = v
                 .connections
                 .iter()
-                .map(|c| format!("{}{}", if c.direction == "out" { "->" } else { "<-" }, c.peer))
+                .map(|c| {
+                    format!(
+                        "{}{}",
+                        if c.direction == "out" { "->" } else { "<-" },
+                        c.peer
+                    )
+                })
                 .collect::<Vec<_>>()
                 .join(" ");
             vec![
-                if v.is_self { format!("{} (self)", v.name) } else { v.name.clone() },
+                if v.is_self {
+                    format!("{} (self)", v.name)
+                } else {
+                    v.name.clone()
+                },
                 v.id.clone(),
                 v.state.clone(),
                 v.incarnation.to_string(),
@@ -85,7 +117,10 @@ pub fn peers(p: &PeersResponse) -> String {
             ]
         })
         .collect();
-    table(&["NAME", "ID", "STATE", "INC", "ADDRESS", "CONNECTIONS"], &rows)
+    table(
+        &["NAME", "ID", "STATE", "INC", "ADDRESS", "CONNECTIONS"],
+        &rows,
+    )
 }
 
 pub fn peers_dot(p: &PeersResponse) -> String {
@@ -96,7 +131,11 @@ pub fn peers_dot(p: &PeersResponse) -> String {
             "suspect" => "orange",
             _ => "gray",
         };
-        let _ = writeln!(out, "  \"{}\" [label=\"{}\\n{}\\n{}\", color={color}];", v.id, v.name, v.id, v.state);
+        let _ = writeln!(
+            out,
+            "  \"{}\" [label=\"{}\\n{}\\n{}\", color={color}];",
+            v.id, v.name, v.id, v.state
+        );
     }
     for v in &p.peers {
         for c in v.connections.iter().filter(|c| c.direction == "out") {
@@ -121,7 +160,11 @@ pub fn connections(c: &ConnectionsResponse) -> String {
                 (true, true) => "-".into(),
             };
             vec![
-                if v.direction == "out" { "->".into() } else { "<-".into() },
+                if v.direction == "out" {
+                    "->".into()
+                } else {
+                    "<-".into()
+                },
                 v.address.clone(),
                 peer,
                 v.dataplane.clone(),
@@ -130,7 +173,10 @@ pub fn connections(c: &ConnectionsResponse) -> String {
             ]
         })
         .collect();
-    table(&["DIR", "ADDRESS", "PEER", "DATAPLANE", "SINCE", "STATE"], &rows)
+    table(
+        &["DIR", "ADDRESS", "PEER", "DATAPLANE", "SINCE", "STATE"],
+        &rows,
+    )
 }
 
 #[cfg(test)]
@@ -139,7 +185,10 @@ mod tests {
 
     #[test]
     fn table_aligns_columns() {
-        let t = table(&["A", "BB"], &[vec!["xxx".into(), "y".into()], vec!["z".into(), "w".into()]]);
+        let t = table(
+            &["A", "BB"],
+            &[vec!["xxx".into(), "y".into()], vec!["z".into(), "w".into()]],
+        );
         assert_eq!(t, "A    BB\nxxx  y\nz    w\n");
     }
 }

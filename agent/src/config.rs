@@ -30,7 +30,11 @@ impl Dataplane {
 }
 
 #[derive(Clone, Debug, Parser)]
-#[command(name = "mesh-agent", version, about = "mesh node agent: gossip, IPAM and data plane for one node")]
+#[command(
+    name = "mesh-agent",
+    version,
+    about = "mesh node agent: gossip, IPAM and data plane for one node"
+)]
 pub struct AgentConfig {
     /// This node's name (the Kubernetes Node name in a cluster). Default: the hostname.
     #[arg(long, env = "MESH_NODE_NAME")]
@@ -146,8 +150,9 @@ impl AgentConfig {
         let ip = match self.advertise_addr {
             Some(ip) => ip,
             None if !self.listen.ip().is_unspecified() => self.listen.ip(),
-            None => default_route_address()
-                .context("cannot find the default-route interface's address; pass --advertise-addr")?,
+            None => default_route_address().context(
+                "cannot find the default-route interface's address; pass --advertise-addr",
+            )?,
         };
         let advertise = SocketAddr::new(ip, self.listen.port());
         let mut peers = Vec::new();
@@ -162,13 +167,27 @@ impl AgentConfig {
         peers.sort();
         peers.dedup();
         let protocol = match &self.protocol_range {
-            None => (mesh_proto::wire::PROTOCOL_MIN, mesh_proto::wire::PROTOCOL_MAX),
+            None => (
+                mesh_proto::wire::PROTOCOL_MIN,
+                mesh_proto::wire::PROTOCOL_MAX,
+            ),
             Some(r) => {
-                let (a, b) = r.split_once("..").context("--protocol-range must look like 1..2")?;
-                (a.parse().context("--protocol-range")?, b.parse().context("--protocol-range")?)
+                let (a, b) = r
+                    .split_once("..")
+                    .context("--protocol-range must look like 1..2")?;
+                (
+                    a.parse().context("--protocol-range")?,
+                    b.parse().context("--protocol-range")?,
+                )
             }
         };
-        Ok(Resolved { node_name, advertise, peers, secret, protocol })
+        Ok(Resolved {
+            node_name,
+            advertise,
+            peers,
+            secret,
+            protocol,
+        })
     }
 }
 
@@ -180,7 +199,11 @@ pub fn parse_peer(s: &str) -> Result<SocketAddr> {
     if let Ok(ip) = s.parse::<IpAddr>() {
         return Ok(SocketAddr::new(ip, DEFAULT_PORT));
     }
-    let with_port = if s.contains(':') { s.to_string() } else { format!("{s}:{DEFAULT_PORT}") };
+    let with_port = if s.contains(':') {
+        s.to_string()
+    } else {
+        format!("{s}:{DEFAULT_PORT}")
+    };
     with_port
         .to_socket_addrs()
         .with_context(|| format!("cannot resolve peer {s:?}"))?
@@ -232,7 +255,9 @@ fn interface_ipv4(name: &str) -> Result<Option<IpAddr>> {
             if ifname == name && family == libc::AF_INET {
                 // SAFETY: family AF_INET means the address is a sockaddr_in.
                 let sin = unsafe { &*(ifa.ifa_addr as *const libc::sockaddr_in) };
-                found = Some(IpAddr::from(u32::from_be(sin.sin_addr.s_addr).to_be_bytes()));
+                found = Some(IpAddr::from(
+                    u32::from_be(sin.sin_addr.s_addr).to_be_bytes(),
+                ));
                 break;
             }
         }
@@ -249,15 +274,28 @@ mod tests {
 
     #[test]
     fn peers_parse_with_and_without_port() {
-        assert_eq!(parse_peer("10.0.0.1").unwrap(), "10.0.0.1:6783".parse().unwrap());
-        assert_eq!(parse_peer("10.0.0.1:7000").unwrap(), "10.0.0.1:7000".parse().unwrap());
+        assert_eq!(
+            parse_peer("10.0.0.1").unwrap(),
+            "10.0.0.1:6783".parse().unwrap()
+        );
+        assert_eq!(
+            parse_peer("10.0.0.1:7000").unwrap(),
+            "10.0.0.1:7000".parse().unwrap()
+        );
         assert_eq!(parse_peer("localhost:7001").unwrap().port(), 7001);
         assert!(parse_peer("no such host .invalid").is_err());
     }
 
     #[test]
     fn refuses_to_start_without_a_secret_or_an_explicit_opt_out() {
-        let cfg = AgentConfig::try_parse_from(["mesh-agent", "--node-name", "a", "--listen", "127.0.0.1:1"]).unwrap();
+        let cfg = AgentConfig::try_parse_from([
+            "mesh-agent",
+            "--node-name",
+            "a",
+            "--listen",
+            "127.0.0.1:1",
+        ])
+        .unwrap();
         let err = cfg.resolve().unwrap_err().to_string();
         assert!(err.contains("--insecure-no-auth"), "{err}");
     }
@@ -267,7 +305,20 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let f = dir.path().join("s");
         std::fs::write(&f, "short\n").unwrap();
-        let cfg = AgentConfig::try_parse_from(["mesh-agent", "--node-name", "a", "--listen", "127.0.0.1:1", "--secret-file", f.to_str().unwrap()]).unwrap();
-        assert!(cfg.resolve().unwrap_err().to_string().contains("at least 16"));
+        let cfg = AgentConfig::try_parse_from([
+            "mesh-agent",
+            "--node-name",
+            "a",
+            "--listen",
+            "127.0.0.1:1",
+            "--secret-file",
+            f.to_str().unwrap(),
+        ])
+        .unwrap();
+        assert!(cfg
+            .resolve()
+            .unwrap_err()
+            .to_string()
+            .contains("at least 16"));
     }
 }

@@ -18,7 +18,10 @@ use rand::Rng;
 use sim::{NetConfig, Sim};
 
 fn env_u64(name: &str, default: u64) -> u64 {
-    std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(default)
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
 }
 
 /// Starts `n` nodes over the first two seconds, each bootstrapping through an earlier one.
@@ -27,7 +30,11 @@ fn start_cluster(sim: &mut Sim) {
     for i in 0..n {
         let at = (i as u64 * 2000) / n as u64;
         sim.run_until(at);
-        let bootstrap = if i == 0 { None } else { Some(sim.rng().random_range(0..i)) };
+        let bootstrap = if i == 0 {
+            None
+        } else {
+            Some(sim.rng().random_range(0..i))
+        };
         sim.start(i, bootstrap);
     }
 }
@@ -44,7 +51,10 @@ fn run_seed(seed: u64, nodes: usize) -> Outcome {
     let mut sim = Sim::new(seed, nodes, NetConfig::default(), CoreConfig::default());
     start_cluster(&mut sim);
     let t = sim.run_until_pred(30_000, 250, Sim::converged);
-    assert!(t.is_some(), "seed {seed}: {nodes} nodes did not converge after joining (MESH_SIM_SEED={seed})");
+    assert!(
+        t.is_some(),
+        "seed {seed}: {nodes} nodes did not converge after joining (MESH_SIM_SEED={seed})"
+    );
 
     let victim = sim.rng().random_range(0..nodes);
     let crash_at = sim.now_ms;
@@ -54,17 +64,26 @@ fn run_seed(seed: u64, nodes: usize) -> Outcome {
         panic!("seed {seed}: crashed node {victim} not marked dead by every live peer within 30 s (MESH_SIM_SEED={seed})");
     };
 
-    let side: BTreeSet<usize> = (0..nodes).filter(|i| *i != victim).choose_multiple(sim.rng(), nodes / 3).into_iter().collect();
+    let side: BTreeSet<usize> = (0..nodes)
+        .filter(|i| *i != victim)
+        .choose_multiple(sim.rng(), nodes / 3)
+        .into_iter()
+        .collect();
     sim.partition(&side);
     sim.run_until(sim.now_ms + 15_000);
     sim.heal();
     let healed_at = sim.now_ms;
     sim.start(victim, Some((victim + 1) % nodes));
-    let converged = sim.run_until_pred(healed_at + 90_000, 250, |s| s.converged() && s.all_see_alive(victim));
+    let converged = sim.run_until_pred(healed_at + 90_000, 250, |s| {
+        s.converged() && s.all_see_alive(victim)
+    });
     let Some(converged) = converged else {
         panic!("seed {seed}: no identical view within 90 s after heal and restart (MESH_SIM_SEED={seed})");
     };
-    Outcome { detect_ms: detected - crash_at, converge_ms: converged - healed_at }
+    Outcome {
+        detect_ms: detected - crash_at,
+        converge_ms: converged - healed_at,
+    }
 }
 
 #[test]
@@ -77,7 +96,10 @@ fn campaign_50_nodes_10pct_loss_converges_detects_and_recovers() {
     let worst_detect = AtomicU64::new(0);
     let worst_converge = AtomicU64::new(0);
     let next = AtomicU64::new(0);
-    let threads = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2).min(seeds.len());
+    let threads = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(2)
+        .min(seeds.len());
     std::thread::scope(|scope| {
         for _ in 0..threads {
             scope.spawn(|| loop {
@@ -104,17 +126,33 @@ fn late_gossip_cannot_resurrect_a_dead_peer() {
     assert!(sim.run_until_pred(30_000, 100, Sim::converged).is_some());
     // Keep the victim's alive record as a node had it, to replay it after its death.
     let victim = 3;
-    let stale = sim.core(0).unwrap().member(&sim.id(victim)).unwrap().update();
+    let stale = sim
+        .core(0)
+        .unwrap()
+        .member(&sim.id(victim))
+        .unwrap()
+        .update();
     assert_eq!(stale.liveness.state, Liveness::Alive);
     sim.crash(victim);
     let now = sim.now_ms;
-    assert!(sim.run_until_pred(now + 30_000, 100, |s| s.all_see_down(victim)).is_some());
+    assert!(sim
+        .run_until_pred(now + 30_000, 100, |s| s.all_see_down(victim))
+        .is_some());
     for to in (0..8).filter(|i| *i != victim) {
-        sim.inject(1, to, GossipMessage::Updates { updates: vec![stale.clone()] });
+        sim.inject(
+            1,
+            to,
+            GossipMessage::Updates {
+                updates: vec![stale.clone()],
+            },
+        );
     }
     let now = sim.now_ms;
     sim.run_until(now + 20_000);
-    assert!(sim.all_see_down(victim), "a replayed alive record resurrected a dead peer");
+    assert!(
+        sim.all_see_down(victim),
+        "a replayed alive record resurrected a dead peer"
+    );
 }
 
 #[test]
@@ -125,21 +163,35 @@ fn restarted_peer_refutes_its_death_with_a_higher_incarnation() {
     let old_inc = sim.core(4).unwrap().own_record().incarnation;
     sim.crash(4);
     let now = sim.now_ms;
-    assert!(sim.run_until_pred(now + 30_000, 100, |s| s.all_see_down(4)).is_some());
+    assert!(sim
+        .run_until_pred(now + 30_000, 100, |s| s.all_see_down(4))
+        .is_some());
     sim.start(4, Some(0));
     let now = sim.now_ms;
-    assert!(sim.run_until_pred(now + 30_000, 100, |s| s.all_see_alive(4) && s.converged()).is_some());
+    assert!(sim
+        .run_until_pred(now + 30_000, 100, |s| s.all_see_alive(4) && s.converged())
+        .is_some());
     assert!(sim.core(4).unwrap().own_record().incarnation > old_inc);
 }
 
 #[test]
 fn control_connections_stay_bounded_at_300_nodes() {
-    let net = NetConfig { loss: 0.0, duplicate: 0.0, ..NetConfig::default() };
+    let net = NetConfig {
+        loss: 0.0,
+        duplicate: 0.0,
+        ..NetConfig::default()
+    };
     let mut sim = Sim::new(3, 300, net, CoreConfig::default());
     start_cluster(&mut sim);
-    assert!(sim.run_until_pred(60_000, 500, Sim::converged).is_some(), "300 nodes did not converge");
+    assert!(
+        sim.run_until_pred(60_000, 500, Sim::converged).is_some(),
+        "300 nodes did not converge"
+    );
     let degree = sim.max_degree();
-    assert!(degree <= 20, "a node holds {degree} control connections; the design bounds it near 2*(2+3)");
+    assert!(
+        degree <= 20,
+        "a node holds {degree} control connections; the design bounds it near 2*(2+3)"
+    );
 }
 
 /// Rounds (gossip intervals) for one change to reach every node, and steady-state bytes.
@@ -147,7 +199,10 @@ fn dissemination(nodes: usize, seed: u64) -> (u64, f64) {
     let mut sim = Sim::new(seed, nodes, NetConfig::default(), CoreConfig::default());
     start_cluster(&mut sim);
     let settle = if nodes > 200 { 120_000 } else { 40_000 };
-    assert!(sim.run_until_pred(settle, 500, Sim::converged).is_some(), "{nodes} nodes did not converge");
+    assert!(
+        sim.run_until_pred(settle, 500, Sim::converged).is_some(),
+        "{nodes} nodes did not converge"
+    );
     sim.run_until(sim.now_ms + 10_000);
     // Steady-state traffic over 20 simulated seconds.
     sim.measure_bytes = true;
@@ -156,12 +211,20 @@ fn dissemination(nodes: usize, seed: u64) -> (u64, f64) {
     let bytes_per_node_s = (sim.stats.bytes - b0) as f64 / nodes as f64 / 20.0;
     // One record change, timed until every node holds it.
     let start = sim.now_ms;
-    sim.set_capabilities(0, Capabilities { dataplanes: vec!["vxlan".into()], ..Capabilities::default() });
+    sim.set_capabilities(
+        0,
+        Capabilities {
+            dataplanes: vec!["vxlan".into()],
+            ..Capabilities::default()
+        },
+    );
     let version = sim.core(0).unwrap().own_record().version;
     let id = sim.id(0);
     let done = sim
         .run_until_pred(start + 60_000, 10, |s| {
-            (0..s.len()).filter_map(|i| s.core(i)).all(|c| c.member(&id).is_some_and(|m| m.record.version >= version))
+            (0..s.len())
+                .filter_map(|i| s.core(i))
+                .all(|c| c.member(&id).is_some_and(|m| m.record.version >= version))
         })
         .expect("change did not spread");
     let rounds = (done - start).div_ceil(CoreConfig::default().gossip_interval.as_millis() as u64);
@@ -172,7 +235,10 @@ fn dissemination(nodes: usize, seed: u64) -> (u64, f64) {
 fn dissemination_stats() {
     let (rounds, bytes) = dissemination(50, 5);
     println!("50 nodes, 10% loss: a change reaches every node in {rounds} gossip rounds; steady state {bytes:.0} B/s of gossip per node");
-    assert!(rounds <= 25, "a change took {rounds} rounds to reach 50 nodes");
+    assert!(
+        rounds <= 25,
+        "a change took {rounds} rounds to reach 50 nodes"
+    );
     if std::env::var("MESH_SIM_STATS").is_ok() {
         let nodes = env_u64("MESH_SIM_NODES", 1000) as usize;
         let (rounds, bytes) = dissemination(nodes, 5);

@@ -61,11 +61,16 @@ pub enum HelloReply {
 /// Why an acceptor refused a connection. Shown verbatim in `meshctl status connections`.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum RefuseReason {
-    ProtocolVersion { ours: (u16, u16), theirs: (u16, u16) },
+    ProtocolVersion {
+        ours: (u16, u16),
+        theirs: (u16, u16),
+    },
     /// The dialer claims our own id (a cloned state directory, or dialing ourselves).
     SameId,
     /// The acceptor is at its connection limit.
-    TooManyConnections { limit: u32 },
+    TooManyConnections {
+        limit: u32,
+    },
     /// A connection with this peer already exists and wins the tie-break.
     Duplicate,
     Other(String),
@@ -161,7 +166,12 @@ mod tests {
 
     #[test]
     fn hello_round_trips_and_head_decodes_alone() {
-        let hello = Hello { magic: MAGIC, min_version: 1, max_version: 4, record: record() };
+        let hello = Hello {
+            magic: MAGIC,
+            min_version: 1,
+            max_version: 4,
+            record: record(),
+        };
         let frame = encode_frame(&hello).unwrap();
         let len = frame_len(frame[..4].try_into().unwrap()).unwrap();
         assert_eq!(len, frame.len() - 4);
@@ -173,7 +183,12 @@ mod tests {
     #[test]
     fn hello_from_a_future_version_still_yields_its_head() {
         // A future Hello whose tail we cannot parse: the head must still decode.
-        let mut body = postcard::to_allocvec(&HelloHead { magic: MAGIC, min_version: 5, max_version: 9 }).unwrap();
+        let mut body = postcard::to_allocvec(&HelloHead {
+            magic: MAGIC,
+            min_version: 5,
+            max_version: 9,
+        })
+        .unwrap();
         body.extend_from_slice(&[0xff; 3]);
         let (head, full) = decode_hello(&body).unwrap();
         assert_eq!(head.max_version, 9);
@@ -182,7 +197,12 @@ mod tests {
 
     #[test]
     fn wrong_magic_is_named() {
-        let body = postcard::to_allocvec(&HelloHead { magic: *b"HTTP", min_version: 1, max_version: 1 }).unwrap();
+        let body = postcard::to_allocvec(&HelloHead {
+            magic: *b"HTTP",
+            min_version: 1,
+            max_version: 1,
+        })
+        .unwrap();
         assert!(matches!(decode_hello(&body), Err(WireError::BadMagic(_))));
     }
 
@@ -194,12 +214,18 @@ mod tests {
 
     #[test]
     fn oversized_frame_header_is_rejected() {
-        assert!(matches!(frame_len(u32::MAX.to_be_bytes()), Err(WireError::TooLarge(_))));
+        assert!(matches!(
+            frame_len(u32::MAX.to_be_bytes()),
+            Err(WireError::TooLarge(_))
+        ));
     }
 
     #[test]
     fn trailing_bytes_are_rejected() {
-        let mut body = postcard::to_allocvec(&Frame::Gossip(crate::gossip::GossipMessage::Pull { ids: vec![] })).unwrap();
+        let mut body = postcard::to_allocvec(&Frame::Gossip(crate::gossip::GossipMessage::Pull {
+            ids: vec![],
+        }))
+        .unwrap();
         body.push(0);
         assert!(decode_body::<Frame>(&body).is_err());
     }

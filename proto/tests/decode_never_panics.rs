@@ -8,7 +8,12 @@ use proptest::prelude::*;
 
 fn liveness() -> impl Strategy<Value = LivenessClaim> {
     (0u8..4, any::<u64>()).prop_map(|(s, incarnation)| LivenessClaim {
-        state: [Liveness::Alive, Liveness::Suspect, Liveness::Dead, Liveness::Left][s as usize],
+        state: [
+            Liveness::Alive,
+            Liveness::Suspect,
+            Liveness::Dead,
+            Liveness::Left,
+        ][s as usize],
         incarnation,
     })
 }
@@ -23,23 +28,31 @@ fn record() -> impl Strategy<Value = PeerRecord> {
         prop::option::of(any::<[u8; 6]>()),
         prop::collection::vec((any::<u64>(), any::<bool>()), 0..5),
     )
-        .prop_map(|(id, name, incarnation, version, addrs, mac, links)| PeerRecord {
-            id: PeerId(id),
-            name,
-            incarnation,
-            version,
-            addresses: addrs.into_iter().map(|(ip, port)| (ip, port).into()).collect(),
-            capabilities: Capabilities {
-                dataplanes: vec!["vxlan".into()],
-                vtep_mac: mac,
-                vxlan_port: Some(8472),
-                authenticated: true,
+        .prop_map(
+            |(id, name, incarnation, version, addrs, mac, links)| PeerRecord {
+                id: PeerId(id),
+                name,
+                incarnation,
+                version,
+                addresses: addrs
+                    .into_iter()
+                    .map(|(ip, port)| (ip, port).into())
+                    .collect(),
+                capabilities: Capabilities {
+                    dataplanes: vec!["vxlan".into()],
+                    vtep_mac: mac,
+                    vxlan_port: Some(8472),
+                    authenticated: true,
+                },
+                connections: links
+                    .into_iter()
+                    .map(|(p, outbound)| LinkSummary {
+                        peer: PeerId(p),
+                        outbound,
+                    })
+                    .collect(),
             },
-            connections: links
-                .into_iter()
-                .map(|(p, outbound)| LinkSummary { peer: PeerId(p), outbound })
-                .collect(),
-        })
+        )
 }
 
 fn updates() -> impl Strategy<Value = Vec<MemberUpdate>> {
@@ -50,14 +63,16 @@ fn updates() -> impl Strategy<Value = Vec<MemberUpdate>> {
 
 fn message() -> impl Strategy<Value = GossipMessage> {
     prop_oneof![
-        (any::<u64>(), updates())
-            .prop_map(|(seq, updates)| GossipMessage::Ping { seq, updates }),
-        (any::<u64>(), updates())
-            .prop_map(|(seq, updates)| GossipMessage::Ack { seq, updates }),
-        (any::<u64>(), any::<u64>())
-            .prop_map(|(seq, t)| GossipMessage::PingReq { seq, target: PeerId(t) }),
-        (any::<u64>(), any::<u64>())
-            .prop_map(|(seq, t)| GossipMessage::IndirectAck { seq, target: PeerId(t) }),
+        (any::<u64>(), updates()).prop_map(|(seq, updates)| GossipMessage::Ping { seq, updates }),
+        (any::<u64>(), updates()).prop_map(|(seq, updates)| GossipMessage::Ack { seq, updates }),
+        (any::<u64>(), any::<u64>()).prop_map(|(seq, t)| GossipMessage::PingReq {
+            seq,
+            target: PeerId(t)
+        }),
+        (any::<u64>(), any::<u64>()).prop_map(|(seq, t)| GossipMessage::IndirectAck {
+            seq,
+            target: PeerId(t)
+        }),
         updates().prop_map(|updates| GossipMessage::Updates { updates }),
         (any::<u64>(), any::<u32>())
             .prop_map(|(hash, members)| GossipMessage::DigestSummary { hash, members }),
@@ -73,8 +88,9 @@ fn message() -> impl Strategy<Value = GossipMessage> {
                     })
                     .collect(),
             }),
-        prop::collection::vec(any::<u64>(), 0..8)
-            .prop_map(|ids| GossipMessage::Pull { ids: ids.into_iter().map(PeerId).collect() }),
+        prop::collection::vec(any::<u64>(), 0..8).prop_map(|ids| GossipMessage::Pull {
+            ids: ids.into_iter().map(PeerId).collect()
+        }),
     ]
 }
 

@@ -12,7 +12,10 @@ use serde::de::DeserializeOwned;
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
     #[error("cannot reach mesh-agent at {socket}: {source} (is mesh-agent running on this node? pass --socket if it uses another path)")]
-    Unreachable { socket: String, source: std::io::Error },
+    Unreachable {
+        socket: String,
+        source: std::io::Error,
+    },
     #[error("mesh-agent at {socket} did not answer within {secs} s")]
     Timeout { socket: String, secs: u64 },
     #[error("HTTP exchange with mesh-agent failed: {0}")]
@@ -25,13 +28,22 @@ pub enum ClientError {
 
 const TIMEOUT: Duration = Duration::from_secs(10);
 
-pub async fn request(socket: &Path, method: &str, path: &str, body: Option<Vec<u8>>) -> Result<(u16, Bytes), ClientError> {
+pub async fn request(
+    socket: &Path,
+    method: &str,
+    path: &str,
+    body: Option<Vec<u8>>,
+) -> Result<(u16, Bytes), ClientError> {
     let socket_s = socket.display().to_string();
     let fut = async {
         let stream = tokio::net::UnixStream::connect(socket)
             .await
-            .map_err(|source| ClientError::Unreachable { socket: socket_s.clone(), source })?;
-        let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
+            .map_err(|source| ClientError::Unreachable {
+                socket: socket_s.clone(),
+                source,
+            })?;
+        let (mut sender, conn) =
+            hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
         tokio::spawn(conn);
         let req = Request::builder()
             .method(method)
@@ -39,7 +51,10 @@ pub async fn request(socket: &Path, method: &str, path: &str, body: Option<Vec<u
             .header("host", "mesh-agent")
             .header("content-type", "application/json")
             .body(Full::new(Bytes::from(body.unwrap_or_default())))
-            .map_err(|e| ClientError::Status { status: 0, message: e.to_string() })?;
+            .map_err(|e| ClientError::Status {
+                status: 0,
+                message: e.to_string(),
+            })?;
         let resp = sender.send_request(req).await?;
         let status = resp.status().as_u16();
         let bytes = resp.into_body().collect().await?.to_bytes();
@@ -47,7 +62,10 @@ pub async fn request(socket: &Path, method: &str, path: &str, body: Option<Vec<u
     };
     tokio::time::timeout(TIMEOUT, fut)
         .await
-        .map_err(|_| ClientError::Timeout { socket: socket_s.clone(), secs: TIMEOUT.as_secs() })?
+        .map_err(|_| ClientError::Timeout {
+            socket: socket_s.clone(),
+            secs: TIMEOUT.as_secs(),
+        })?
 }
 
 /// GETs `path` and decodes a JSON answer; a non-2xx answer becomes an error with the

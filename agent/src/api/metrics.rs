@@ -47,15 +47,35 @@ impl Metrics {
     pub fn new() -> Arc<Metrics> {
         let mut registry = Registry::with_prefix("mesh");
         let connections = Family::<StateLabel, Gauge>::default();
-        registry.register("connections", "Control connections by state", connections.clone());
+        registry.register(
+            "connections",
+            "Control connections by state",
+            connections.clone(),
+        );
         let peers = Family::<StateLabel, Gauge>::default();
-        registry.register("peers", "Known peers by liveness state, this node included", peers.clone());
+        registry.register(
+            "peers",
+            "Known peers by liveness state, this node included",
+            peers.clone(),
+        );
         let gossip_messages = Family::<GossipLabel, Counter>::default();
-        registry.register("gossip_messages", "Topology gossip messages by direction and kind", gossip_messages.clone());
+        registry.register(
+            "gossip_messages",
+            "Topology gossip messages by direction and kind",
+            gossip_messages.clone(),
+        );
         let gossip_bytes = Family::<DirectionLabel, Counter>::default();
-        registry.register("gossip_bytes", "Topology gossip bytes on the wire by direction", gossip_bytes.clone());
+        registry.register(
+            "gossip_bytes",
+            "Topology gossip bytes on the wire by direction",
+            gossip_bytes.clone(),
+        );
         let gossip_dropped = Counter::default();
-        registry.register("gossip_dropped", "Gossip messages dropped because a peer's send queue was full or no connection came up", gossip_dropped.clone());
+        registry.register(
+            "gossip_dropped",
+            "Gossip messages dropped because a peer's send queue was full or no connection came up",
+            gossip_dropped.clone(),
+        );
         let detector_events = Family::<EventLabel, Counter>::default();
         registry.register(
             "failure_detector_events",
@@ -63,7 +83,11 @@ impl Metrics {
             detector_events.clone(),
         );
         let connection_failures = Family::<DirectionLabel, Counter>::default();
-        registry.register("connection_failures", "Failed dials (out) and refused or failed inbound connections (in)", connection_failures.clone());
+        registry.register(
+            "connection_failures",
+            "Failed dials (out) and refused or failed inbound connections (in)",
+            connection_failures.clone(),
+        );
         Arc::new(Metrics {
             registry,
             connections,

@@ -28,13 +28,30 @@ struct ApiState {
 }
 
 fn error(status: StatusCode, code: &str, msg: impl Into<String>) -> Response {
-    (status, Json(ErrorBody { error: msg.into(), code: code.into() })).into_response()
+    (
+        status,
+        Json(ErrorBody {
+            error: msg.into(),
+            code: code.into(),
+        }),
+    )
+        .into_response()
 }
 
 async fn report(state: &ApiState) -> Result<Report, Response> {
     let (tx, rx) = oneshot::channel();
-    let unavailable = || error(StatusCode::SERVICE_UNAVAILABLE, "driver_unavailable", "the mesh driver is not answering");
-    state.driver.send(ApiRequest::Report(tx)).await.map_err(|_| unavailable())?;
+    let unavailable = || {
+        error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "driver_unavailable",
+            "the mesh driver is not answering",
+        )
+    };
+    state
+        .driver
+        .send(ApiRequest::Report(tx))
+        .await
+        .map_err(|_| unavailable())?;
     match tokio::time::timeout(DRIVER_TIMEOUT, rx).await {
         Ok(Ok(r)) => Ok(r),
         _ => Err(unavailable()),
@@ -63,7 +80,11 @@ async fn get_connections(State(s): State<ApiState>) -> Response {
 }
 
 async fn get_ipam() -> Response {
-    error(StatusCode::NOT_IMPLEMENTED, "ipam_unavailable", "IPAM is not built into this agent yet")
+    error(
+        StatusCode::NOT_IMPLEMENTED,
+        "ipam_unavailable",
+        "IPAM is not built into this agent yet",
+    )
 }
 
 async fn get_report(State(s): State<ApiState>) -> Response {
@@ -83,13 +104,21 @@ async fn healthz(State(s): State<ApiState>) -> Response {
 async fn readyz(State(s): State<ApiState>) -> Response {
     match report(&s).await {
         Ok(r) if r.status.ready => (StatusCode::OK, "ready\n").into_response(),
-        Ok(_) => error(StatusCode::SERVICE_UNAVAILABLE, "not_ready", "no control connection to any peer yet"),
+        Ok(_) => error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "not_ready",
+            "no control connection to any peer yet",
+        ),
         Err(e) => e,
     }
 }
 
 async fn not_found() -> Response {
-    error(StatusCode::NOT_FOUND, "not_found", "no such endpoint; see ARCHITECTURE.md, Interfaces")
+    error(
+        StatusCode::NOT_FOUND,
+        "not_found",
+        "no such endpoint; see ARCHITECTURE.md, Interfaces",
+    )
 }
 
 pub fn router(driver: mpsc::Sender<ApiRequest>) -> Router {
@@ -109,21 +138,31 @@ pub fn router(driver: mpsc::Sender<ApiRequest>) -> Router {
 /// a running agent still answers on.
 pub async fn bind_socket(path: &Path) -> Result<tokio::net::UnixListener> {
     if let Some(dir) = path.parent() {
-        std::fs::create_dir_all(dir).with_context(|| format!("cannot create socket directory {}", dir.display()))?;
+        std::fs::create_dir_all(dir)
+            .with_context(|| format!("cannot create socket directory {}", dir.display()))?;
     }
     if path.exists() {
         if tokio::net::UnixStream::connect(path).await.is_ok() {
-            bail!("{} is in use by a running agent; stop it or pass another --socket", path.display());
+            bail!(
+                "{} is in use by a running agent; stop it or pass another --socket",
+                path.display()
+            );
         }
-        std::fs::remove_file(path).with_context(|| format!("cannot remove stale socket {}", path.display()))?;
+        std::fs::remove_file(path)
+            .with_context(|| format!("cannot remove stale socket {}", path.display()))?;
     }
-    let listener = tokio::net::UnixListener::bind(path).with_context(|| format!("cannot bind local API socket {}", path.display()))?;
+    let listener = tokio::net::UnixListener::bind(path)
+        .with_context(|| format!("cannot bind local API socket {}", path.display()))?;
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
         .with_context(|| format!("cannot restrict {} to mode 0600", path.display()))?;
     Ok(listener)
 }
 
-pub async fn serve_api(listener: tokio::net::UnixListener, driver: mpsc::Sender<ApiRequest>, socket: PathBuf) {
+pub async fn serve_api(
+    listener: tokio::net::UnixListener,
+    driver: mpsc::Sender<ApiRequest>,
+    socket: PathBuf,
+) {
     if let Err(e) = axum::serve(listener, router(driver)).await {
         tracing::error!(socket = %socket.display(), error = %e, "local API stopped");
     }
@@ -135,7 +174,13 @@ pub async fn serve_metrics(listener: tokio::net::TcpListener, metrics: Arc<Metri
         get(move || {
             let metrics = metrics.clone();
             async move {
-                ([("content-type", "application/openmetrics-text; version=1.0.0; charset=utf-8")], metrics.encode())
+                (
+                    [(
+                        "content-type",
+                        "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                    )],
+                    metrics.encode(),
+                )
             }
         }),
     );

@@ -12,7 +12,12 @@ use mesh_proto::api::{ConnectionsResponse, PeersResponse, Report, StatusResponse
 #[command(name = "meshctl", version, about = "Inspect the mesh from this node")]
 struct Cli {
     /// The agent's local API socket.
-    #[arg(long, env = "MESH_SOCKET", default_value = "/run/mesh/mesh.sock", global = true)]
+    #[arg(
+        long,
+        env = "MESH_SOCKET",
+        default_value = "/run/mesh/mesh.sock",
+        global = true
+    )]
     socket: PathBuf,
     #[command(subcommand)]
     command: Command,
@@ -31,7 +36,13 @@ enum Command {
         #[command(subcommand)]
         view: Option<View>,
         /// Output format.
-        #[arg(short = 'o', long = "output", value_enum, default_value = "table", global = true)]
+        #[arg(
+            short = 'o',
+            long = "output",
+            value_enum,
+            default_value = "table",
+            global = true
+        )]
         output: Format,
     },
     /// Everything the agent knows, as one JSON document.
@@ -54,7 +65,10 @@ enum View {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
         Ok(r) => r,
         Err(e) => {
             eprintln!("meshctl: cannot start: {e}");
@@ -84,7 +98,11 @@ async fn run(cli: Cli) -> Result<String, ClientError> {
         Command::Status { view, output } => match view {
             None => {
                 let st: StatusResponse = client::get_json(s, "/v1/status").await?;
-                if output == Format::Json { json(&st) } else { Ok(render::summary(&st)) }
+                if output == Format::Json {
+                    json(&st)
+                } else {
+                    Ok(render::summary(&st))
+                }
             }
             Some(View::Peers { dot }) => {
                 let p: PeersResponse = client::get_json(s, "/v1/status/peers").await?;
@@ -98,7 +116,11 @@ async fn run(cli: Cli) -> Result<String, ClientError> {
             }
             Some(View::Connections) => {
                 let c: ConnectionsResponse = client::get_json(s, "/v1/status/connections").await?;
-                if output == Format::Json { json(&c) } else { Ok(render::connections(&c)) }
+                if output == Format::Json {
+                    json(&c)
+                } else {
+                    Ok(render::connections(&c))
+                }
             }
             Some(View::Ipam) => {
                 let v: serde_json::Value = client::get_json(s, "/v1/status/ipam").await?;

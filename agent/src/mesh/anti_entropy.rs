@@ -20,8 +20,12 @@ const TO_THE_DEAD_ONE_IN: u32 = 4;
 
 impl MeshCore {
     pub(super) fn anti_entropy_round(&mut self) {
-        let down: Vec<PeerId> =
-            self.view.iter().filter(|m| !m.is_up()).map(|m| m.record.id).collect();
+        let down: Vec<PeerId> = self
+            .view
+            .iter()
+            .filter(|m| !m.is_up())
+            .map(|m| m.record.id)
+            .collect();
         let target = if !down.is_empty() && self.rng.random_ratio(1, TO_THE_DEAD_ONE_IN) {
             down.choose(&mut self.rng).copied()
         } else {

@@ -60,6 +60,7 @@ impl CoreConfig {
 
     pub fn suspicion_timeout(&self, members: usize) -> Duration {
         let scale = (members.max(1) as f64).log10().max(1.0);
-        self.probe_interval.mul_f64(f64::from(self.suspicion_mult) * scale)
+        self.probe_interval
+            .mul_f64(f64::from(self.suspicion_mult) * scale)
     }
 }

@@ -27,10 +27,18 @@ use super::probe::ProbeState;
 #[derive(Clone, Debug)]
 pub enum Input {
     /// A frame of the topology channel from an authenticated peer.
-    Message { from: PeerId, msg: GossipMessage },
+    Message {
+        from: PeerId,
+        msg: GossipMessage,
+    },
     /// A control connection finished its handshake; `record` is what the peer sent in it.
-    PeerConnected { record: PeerRecord, outbound: bool },
-    PeerDisconnected { peer: PeerId },
+    PeerConnected {
+        record: PeerRecord,
+        outbound: bool,
+    },
+    PeerDisconnected {
+        peer: PeerId,
+    },
     /// `poll_timeout()` was reached.
     Timer,
     /// New data-plane capabilities for our own record.
@@ -43,7 +51,10 @@ pub enum Input {
 #[derive(Clone, Debug, PartialEq)]
 pub enum Output {
     /// Best effort: the driver may drop it (the protocol tolerates loss).
-    Send { to: PeerId, msg: GossipMessage },
+    Send {
+        to: PeerId,
+        msg: GossipMessage,
+    },
     /// The peers we want persistent control connections to.
     SetNeighbours(BTreeSet<PeerId>),
     /// Our incarnation grew (refutation): store it before sending anything else.
@@ -54,12 +65,25 @@ pub enum Output {
 /// Things worth a log line or a metric.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum MeshEvent {
-    StateChanged { peer: PeerId, name: String, from: Option<Liveness>, to: Liveness },
+    StateChanged {
+        peer: PeerId,
+        name: String,
+        from: Option<Liveness>,
+        to: Liveness,
+    },
     /// We were suspected or declared dead and answered with a higher incarnation.
-    Refuted { incarnation: u64 },
-    ProbeFailed { peer: PeerId },
-    IndirectProbe { peer: PeerId },
-    Forgotten { peer: PeerId },
+    Refuted {
+        incarnation: u64,
+    },
+    ProbeFailed {
+        peer: PeerId,
+    },
+    IndirectProbe {
+        peer: PeerId,
+    },
+    Forgotten {
+        peer: PeerId,
+    },
 }
 
 pub(super) struct Suspicion {
@@ -146,7 +170,11 @@ impl MeshCore {
 
     /// The earliest time `handle(_, Input::Timer)` has work to do.
     pub fn poll_timeout(&self) -> Instant {
-        let mut t = self.probe.next_deadline().min(self.next_gossip).min(self.next_anti_entropy);
+        let mut t = self
+            .probe
+            .next_deadline()
+            .min(self.next_gossip)
+            .min(self.next_anti_entropy);
         t = t.min(self.next_sweep);
         if let Some(s) = self.suspicions.values().map(|s| s.deadline).min() {
             t = t.min(s);
@@ -203,8 +231,17 @@ impl MeshCore {
         if peer == self.me() {
             return;
         }
-        let claim = LivenessClaim { state: Liveness::Alive, incarnation: record.incarnation };
-        self.apply(now, &[MemberUpdate { record, liveness: claim }]);
+        let claim = LivenessClaim {
+            state: Liveness::Alive,
+            incarnation: record.incarnation,
+        };
+        self.apply(
+            now,
+            &[MemberUpdate {
+                record,
+                liveness: claim,
+            }],
+        );
         if self.connected.insert(peer, outbound).is_none() {
             self.update_own_connections();
         }
@@ -266,13 +303,22 @@ impl MeshCore {
         let incarnation = m.liveness.incarnation;
         if to == Liveness::Suspect {
             let deadline = now + self.cfg.suspicion_timeout(self.view.len());
-            self.suspicions.entry(id).or_insert(Suspicion { incarnation, deadline });
+            self.suspicions.entry(id).or_insert(Suspicion {
+                incarnation,
+                deadline,
+            });
         } else {
             self.suspicions.remove(&id);
         }
-        self.out.push(Output::Event(MeshEvent::StateChanged { peer: id, name, from, to }));
+        self.out.push(Output::Event(MeshEvent::StateChanged {
+            peer: id,
+            name,
+            from,
+            to,
+        }));
         let was_up = from.is_some_and(|s| !s.is_down());
-        was_up != !to.is_down()
+        let is_up = !to.is_down();
+        was_up != is_up
     }
 
     /// Records our own claim about a peer (probe failure or suspicion timeout).
@@ -297,7 +343,8 @@ impl MeshCore {
             return;
         }
         let own = self.own_record();
-        let accused = u.liveness.state != Liveness::Alive && u.liveness.incarnation >= own.incarnation;
+        let accused =
+            u.liveness.state != Liveness::Alive && u.liveness.incarnation >= own.incarnation;
         // A record of ourselves newer than ours comes from an earlier life whose state was lost.
         let outdated = u.record.content_key() > own.content_key();
         if !(accused || outdated) {
@@ -308,7 +355,8 @@ impl MeshCore {
         own.incarnation = incarnation;
         own.version = 0;
         self.out.push(Output::PersistIncarnation(incarnation));
-        self.out.push(Output::Event(MeshEvent::Refuted { incarnation }));
+        self.out
+            .push(Output::Event(MeshEvent::Refuted { incarnation }));
         self.view.set_own(own);
         self.enqueue(self.me());
     }
@@ -320,19 +368,33 @@ impl MeshCore {
         self.left = true;
         let own = self.view.own().record.clone();
         let update = MemberUpdate {
-            liveness: LivenessClaim { state: Liveness::Left, incarnation: own.incarnation },
+            liveness: LivenessClaim {
+                state: Liveness::Left,
+                incarnation: own.incarnation,
+            },
             record: own,
         };
         let targets: Vec<PeerId> = self.connected.keys().copied().collect();
         for to in targets {
-            self.send(to, GossipMessage::Updates { updates: vec![update.clone()] });
+            self.send(
+                to,
+                GossipMessage::Updates {
+                    updates: vec![update.clone()],
+                },
+            );
         }
     }
 
     fn update_own_connections(&mut self) {
         let mut own = self.own_record().clone();
-        own.connections =
-            self.connected.iter().map(|(peer, outbound)| LinkSummary { peer: *peer, outbound: *outbound }).collect();
+        own.connections = self
+            .connected
+            .iter()
+            .map(|(peer, outbound)| LinkSummary {
+                peer: *peer,
+                outbound: *outbound,
+            })
+            .collect();
         self.bump_own(own);
     }
 
@@ -365,7 +427,9 @@ impl MeshCore {
     pub(super) fn partners(&self) -> Vec<PeerId> {
         let mut set: BTreeSet<PeerId> = self.neighbours.clone();
         set.extend(self.connected.keys().copied());
-        set.into_iter().filter(|id| self.view.get(id).is_some_and(Member::is_up)).collect()
+        set.into_iter()
+            .filter(|id| self.view.get(id).is_some_and(Member::is_up))
+            .collect()
     }
 
     fn gossip_deltas(&mut self) {
@@ -374,7 +438,10 @@ impl MeshCore {
         }
         let partners = self.partners();
         let fanout = self.cfg.fanout(self.view.len()).min(partners.len());
-        let targets: Vec<PeerId> = partners.choose_multiple(&mut self.rng, fanout).copied().collect();
+        let targets: Vec<PeerId> = partners
+            .choose_multiple(&mut self.rng, fanout)
+            .copied()
+            .collect();
         for to in targets {
             let ids = self.broadcasts.take(self.cfg.max_updates_per_message);
             if ids.is_empty() {
@@ -389,7 +456,11 @@ impl MeshCore {
     /// own suspicion first, so it can refute at once (Lifeguard's buddy system).
     pub(super) fn piggyback(&mut self, to: PeerId) -> Vec<MemberUpdate> {
         let mut ids = Vec::new();
-        if self.view.get(&to).is_some_and(|m| m.liveness.state == Liveness::Suspect) {
+        if self
+            .view
+            .get(&to)
+            .is_some_and(|m| m.liveness.state == Liveness::Suspect)
+        {
             ids.push(to);
         }
         ids.extend(self.broadcasts.take(self.cfg.piggyback_updates));
@@ -398,7 +469,10 @@ impl MeshCore {
     }
 
     pub(super) fn updates_for(&self, ids: &[PeerId]) -> Vec<MemberUpdate> {
-        ids.iter().filter_map(|id| self.view.get(id)).map(Member::update).collect()
+        ids.iter()
+            .filter_map(|id| self.view.get(id))
+            .map(Member::update)
+            .collect()
     }
 
     pub(super) fn send(&mut self, to: PeerId, msg: GossipMessage) {

@@ -19,7 +19,10 @@ use super::links::{preferred_dialer, DialRole, Link, Links};
 use super::status::{self, StaticInfo};
 use crate::api::metrics::{DirectionLabel, EventLabel, GossipLabel, Metrics, StateLabel};
 use crate::store::Store;
-use crate::transport::connection::{self, Direction, Local, TransportEvent, CLOSE_DUPLICATE, CLOSE_IDLE, CLOSE_REFUSED, CLOSE_SHUTDOWN};
+use crate::transport::connection::{
+    self, Direction, Local, TransportEvent, CLOSE_DUPLICATE, CLOSE_IDLE, CLOSE_REFUSED,
+    CLOSE_SHUTDOWN,
+};
 
 /// Connection housekeeping period (dials, idle closes, gauges).
 const MAINTENANCE: Duration = Duration::from_millis(500);
@@ -53,20 +56,45 @@ pub struct Driver {
 }
 
 impl Driver {
-    pub fn new(core: MeshCore, cfg: DriverConfig, store: Arc<Store>, endpoint: quinn::Endpoint, metrics: Arc<Metrics>) -> Driver {
+    pub fn new(
+        core: MeshCore,
+        cfg: DriverConfig,
+        store: Arc<Store>,
+        endpoint: quinn::Endpoint,
+        metrics: Arc<Metrics>,
+    ) -> Driver {
         let (own_tx, own_rx) = watch::channel(core.own_record().clone());
         let (events_tx, events_rx) = mpsc::channel(4096);
-        let local = Local { record: own_rx, protocol: cfg.protocol };
+        let local = Local {
+            record: own_rx,
+            protocol: cfg.protocol,
+        };
         let mut links = Links::default();
         let now = Instant::now();
         for addr in &cfg.persistent_peers {
             links.want(*addr, None, DialRole::Persistent, now);
         }
-        Driver { core, cfg, store, endpoint, local, own_tx, events_tx, events_rx, links, metrics, started: now }
+        Driver {
+            core,
+            cfg,
+            store,
+            endpoint,
+            local,
+            own_tx,
+            events_tx,
+            events_rx,
+            links,
+            metrics,
+            started: now,
+        }
     }
 
     /// Runs until `shutdown` fires, then leaves the mesh politely.
-    pub async fn run(mut self, mut api: mpsc::Receiver<ApiRequest>, mut shutdown: watch::Receiver<bool>) {
+    pub async fn run(
+        mut self,
+        mut api: mpsc::Receiver<ApiRequest>,
+        mut shutdown: watch::Receiver<bool>,
+    ) {
         let endpoint = self.endpoint.clone();
         let mut maintenance = tokio::time::interval(MAINTENANCE);
         maintenance.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -95,7 +123,8 @@ impl Driver {
         // Let the departure notices reach the wire before the connections close.
         tokio::time::sleep(Duration::from_millis(300)).await;
         for link in self.links.links.values() {
-            link.conn.close(CLOSE_SHUTDOWN.into(), b"agent shutting down");
+            link.conn
+                .close(CLOSE_SHUTDOWN.into(), b"agent shutting down");
         }
         let _ = tokio::time::timeout(Duration::from_secs(1), self.endpoint.wait_idle()).await;
     }
@@ -143,15 +172,26 @@ impl Driver {
             false
         };
         if sent {
-            self.metrics.gossip_messages.get_or_create(&GossipLabel { direction: "out", kind }).inc();
-            self.metrics.gossip_bytes.get_or_create(&DirectionLabel { direction: "out" }).inc_by(bytes);
+            self.metrics
+                .gossip_messages
+                .get_or_create(&GossipLabel {
+                    direction: "out",
+                    kind,
+                })
+                .inc();
+            self.metrics
+                .gossip_bytes
+                .get_or_create(&DirectionLabel { direction: "out" })
+                .inc_by(bytes);
         } else {
             self.metrics.gossip_dropped.inc();
         }
     }
 
     fn address_of(&self, peer: &PeerId) -> Option<SocketAddr> {
-        self.core.member(peer).and_then(|m| m.record.addresses.first().copied())
+        self.core
+            .member(peer)
+            .and_then(|m| m.record.addresses.first().copied())
     }
 
     fn set_neighbours(&mut self, set: &BTreeSet<PeerId>, now: Instant) {
@@ -173,27 +213,44 @@ impl Driver {
     fn on_event(&mut self, e: MeshEvent) {
         let label = |event: &'static str| EventLabel { event };
         match e {
-            MeshEvent::StateChanged { peer, name, from, to } => {
+            MeshEvent::StateChanged {
+                peer,
+                name,
+                from,
+                to,
+            } => {
                 let event = match to {
                     Liveness::Alive => "alive",
                     Liveness::Suspect => "suspect",
                     Liveness::Dead => "dead",
                     Liveness::Left => "left",
                 };
-                self.metrics.detector_events.get_or_create(&label(event)).inc();
+                self.metrics
+                    .detector_events
+                    .get_or_create(&label(event))
+                    .inc();
                 let from = from.map_or("unknown", Liveness::as_str);
                 info!(peer = %peer, name = %name, from, to = to.as_str(), "peer state changed");
             }
             MeshEvent::Refuted { incarnation } => {
-                self.metrics.detector_events.get_or_create(&label("refuted")).inc();
+                self.metrics
+                    .detector_events
+                    .get_or_create(&label("refuted"))
+                    .inc();
                 info!(incarnation, "refuted a suspicion about this node");
             }
             MeshEvent::ProbeFailed { peer } => {
-                self.metrics.detector_events.get_or_create(&label("probe_failed")).inc();
+                self.metrics
+                    .detector_events
+                    .get_or_create(&label("probe_failed"))
+                    .inc();
                 debug!(peer = %peer, "probe failed");
             }
             MeshEvent::IndirectProbe { peer } => {
-                self.metrics.detector_events.get_or_create(&label("indirect_probe")).inc();
+                self.metrics
+                    .detector_events
+                    .get_or_create(&label("indirect_probe"))
+                    .inc();
                 debug!(peer = %peer, "direct probe late; probing through relays");
             }
             MeshEvent::Forgotten { peer } => debug!(peer = %peer, "forgot a long-dead peer"),
@@ -205,10 +262,17 @@ impl Driver {
         match ev {
             TransportEvent::Established(est) => self.on_established(*est, now),
             TransportEvent::DialFailed { addr, reason } => {
-                let first = self.links.dials.get(&addr).is_some_and(|d| d.last_error.as_deref() != Some(reason.as_str()));
+                let first = self
+                    .links
+                    .dials
+                    .get(&addr)
+                    .is_some_and(|d| d.last_error.as_deref() != Some(reason.as_str()));
                 let role = self.links.dials.get(&addr).map(|d| d.role);
                 self.links.dial_failed(addr, reason.clone(), now);
-                self.metrics.connection_failures.get_or_create(&DirectionLabel { direction: "out" }).inc();
+                self.metrics
+                    .connection_failures
+                    .get_or_create(&DirectionLabel { direction: "out" })
+                    .inc();
                 if first && role != Some(DialRole::OnDemand) {
                     warn!(address = %addr, reason = %reason, "cannot connect");
                 } else {
@@ -216,16 +280,28 @@ impl Driver {
                 }
             }
             TransportEvent::InboundFailed { addr, reason } => {
-                let repeated = self.links.inbound_failures.get(&addr).is_some_and(|(r, _)| *r == reason);
+                let repeated = self
+                    .links
+                    .inbound_failures
+                    .get(&addr)
+                    .is_some_and(|(r, _)| *r == reason);
                 if repeated {
                     debug!(address = %addr, reason = %reason, "refused an inbound connection again");
                 } else {
                     warn!(address = %addr, reason = %reason, "refused an inbound connection");
                 }
-                self.metrics.connection_failures.get_or_create(&DirectionLabel { direction: "in" }).inc();
+                self.metrics
+                    .connection_failures
+                    .get_or_create(&DirectionLabel { direction: "in" })
+                    .inc();
                 self.links.inbound_failed(addr, reason, now);
             }
-            TransportEvent::Frame { conn_id, peer, frame, bytes } => {
+            TransportEvent::Frame {
+                conn_id,
+                peer,
+                frame,
+                bytes,
+            } => {
                 let Some(link) = self.links.links.get_mut(&peer).filter(|l| l.id == conn_id) else {
                     return;
                 };
@@ -233,13 +309,26 @@ impl Driver {
                 match frame {
                     Frame::Gossip(msg) => {
                         let kind = msg.kind();
-                        self.metrics.gossip_messages.get_or_create(&GossipLabel { direction: "in", kind }).inc();
-                        self.metrics.gossip_bytes.get_or_create(&DirectionLabel { direction: "in" }).inc_by(bytes as u64);
+                        self.metrics
+                            .gossip_messages
+                            .get_or_create(&GossipLabel {
+                                direction: "in",
+                                kind,
+                            })
+                            .inc();
+                        self.metrics
+                            .gossip_bytes
+                            .get_or_create(&DirectionLabel { direction: "in" })
+                            .inc_by(bytes as u64);
                         self.feed(Input::Message { from: peer, msg });
                     }
                 }
             }
-            TransportEvent::Closed { conn_id, peer, reason } => {
+            TransportEvent::Closed {
+                conn_id,
+                peer,
+                reason,
+            } => {
                 if self.links.links.get(&peer).is_some_and(|l| l.id == conn_id) {
                     if let Some(link) = self.links.links.remove(&peer) {
                         info!(peer = %peer, name = %link.name, address = %link.addr, reason = %reason, "connection lost");
@@ -254,23 +343,36 @@ impl Driver {
     fn on_established(&mut self, est: connection::Established, now: Instant) {
         let me = self.core.me();
         let peer = est.peer.id;
-        let dialer = if est.direction == Direction::Out { me } else { peer };
+        let dialer = if est.direction == Direction::Out {
+            me
+        } else {
+            peer
+        };
         if est.direction == Direction::Out {
             self.links.dial_succeeded(est.addr, peer, now);
         } else {
             self.links.inbound_failures.remove(&est.addr);
         }
         if let Some(existing) = self.links.links.get(&peer) {
-            let existing_dialer = if existing.direction == Direction::Out { me } else { peer };
+            let existing_dialer = if existing.direction == Direction::Out {
+                me
+            } else {
+                peer
+            };
             let keep_new = dialer == preferred_dialer(me, peer) && existing_dialer != dialer;
             if !keep_new {
                 debug!(peer = %peer, "closing a duplicate connection");
-                est.conn.close(CLOSE_DUPLICATE.into(), b"duplicate connection");
+                est.conn
+                    .close(CLOSE_DUPLICATE.into(), b"duplicate connection");
                 return;
             }
-            existing.conn.close(CLOSE_DUPLICATE.into(), b"duplicate connection");
+            existing
+                .conn
+                .close(CLOSE_DUPLICATE.into(), b"duplicate connection");
             self.links.links.remove(&peer);
-        } else if est.direction == Direction::In && self.links.links.len() >= self.cfg.max_connections {
+        } else if est.direction == Direction::In
+            && self.links.links.len() >= self.cfg.max_connections
+        {
             let reason = format!("too many connections (limit {})", self.cfg.max_connections);
             est.conn.close(CLOSE_REFUSED.into(), reason.as_bytes());
             self.links.inbound_failed(est.addr, reason, now);
@@ -311,7 +413,12 @@ impl Driver {
             start.push(*addr);
         }
         for addr in start {
-            tokio::spawn(connection::dial(self.endpoint.clone(), addr, self.local.clone(), self.events_tx.clone()));
+            tokio::spawn(connection::dial(
+                self.endpoint.clone(),
+                addr,
+                self.local.clone(),
+                self.events_tx.clone(),
+            ));
         }
     }
 
@@ -324,7 +431,8 @@ impl Driver {
         self.links.dials.retain(|_, d| {
             d.role != DialRole::OnDemand
                 || d.in_flight
-                || d.peer.is_some_and(|p| links.contains_key(&p) || pending.contains_key(&p))
+                || d.peer
+                    .is_some_and(|p| links.contains_key(&p) || pending.contains_key(&p))
                 || now < d.next_try
         });
         // Close outbound links nobody needs any more (the peer's own choices keep theirs).
@@ -363,22 +471,46 @@ impl Driver {
         let report = self.report(now);
         self.metrics.connections.clear();
         for (state, n) in &report.status.connections {
-            self.metrics.connections.get_or_create(&StateLabel { state: state.clone() }).set(*n as i64);
+            self.metrics
+                .connections
+                .get_or_create(&StateLabel {
+                    state: state.clone(),
+                })
+                .set(*n as i64);
         }
         self.metrics.peers.clear();
         for (state, n) in &report.status.peer_states {
-            self.metrics.peers.get_or_create(&StateLabel { state: state.clone() }).set(*n as i64);
+            self.metrics
+                .peers
+                .get_or_create(&StateLabel {
+                    state: state.clone(),
+                })
+                .set(*n as i64);
         }
     }
 
     fn report(&self, now: Instant) -> Report {
         let names = |p: &PeerId| self.core.member(p).map(|m| m.record.name.clone());
-        let connections = ConnectionsResponse { connections: self.links.views(names, &self.cfg.info.dataplane, now) };
-        let peers = PeersResponse { peers: status::peer_views(&self.core, now) };
+        let connections = ConnectionsResponse {
+            connections: self.links.views(names, &self.cfg.info.dataplane, now),
+        };
+        let peers = PeersResponse {
+            peers: status::peer_views(&self.core, now),
+        };
         let has_targets = !self.cfg.persistent_peers.is_empty();
         let ready = !has_targets || !self.links.links.is_empty();
-        let status = status::summary(&self.core, &self.cfg.info, &connections, ready, now.duration_since(self.started));
-        Report { status, peers, connections }
+        let status = status::summary(
+            &self.core,
+            &self.cfg.info,
+            &connections,
+            ready,
+            now.duration_since(self.started),
+        );
+        Report {
+            status,
+            peers,
+            connections,
+        }
     }
 
     fn on_api(&mut self, req: ApiRequest) {

@@ -113,7 +113,12 @@ impl Links {
         true
     }
 
-    pub fn dial_failed(&mut self, addr: SocketAddr, reason: String, now: Instant) -> Option<PeerId> {
+    pub fn dial_failed(
+        &mut self,
+        addr: SocketAddr,
+        reason: String,
+        now: Instant,
+    ) -> Option<PeerId> {
         let d = self.dials.get_mut(&addr)?;
         d.in_flight = false;
         d.attempts = d.attempts.saturating_add(1);
@@ -152,19 +157,30 @@ impl Links {
     pub fn inbound_failed(&mut self, addr: SocketAddr, reason: String, now: Instant) {
         self.inbound_failures.insert(addr, (reason, now));
         if self.inbound_failures.len() > MAX_INBOUND_FAILURES {
-            if let Some(oldest) = self.inbound_failures.iter().min_by_key(|(_, (_, t))| *t).map(|(a, _)| *a) {
+            if let Some(oldest) = self
+                .inbound_failures
+                .iter()
+                .min_by_key(|(_, (_, t))| *t)
+                .map(|(a, _)| *a)
+            {
                 self.inbound_failures.remove(&oldest);
             }
         }
     }
 
     pub fn expire(&mut self, now: Instant) {
-        self.inbound_failures.retain(|_, (_, t)| now.duration_since(*t) < INBOUND_FAILURE_TTL);
+        self.inbound_failures
+            .retain(|_, (_, t)| now.duration_since(*t) < INBOUND_FAILURE_TTL);
     }
 
     /// Rows for `meshctl status connections`: established links, dial targets that are
     /// not connected (pending or retrying, with why), and recent inbound failures.
-    pub fn views(&self, names: impl Fn(&PeerId) -> Option<String>, dataplane: &str, now: Instant) -> Vec<ConnectionView> {
+    pub fn views(
+        &self,
+        names: impl Fn(&PeerId) -> Option<String>,
+        dataplane: &str,
+        now: Instant,
+    ) -> Vec<ConnectionView> {
         let mut rows = Vec::new();
         for (peer, l) in &self.links {
             rows.push(ConnectionView {
@@ -231,7 +247,10 @@ mod tests {
 
     #[test]
     fn tie_break_is_symmetric() {
-        assert_eq!(preferred_dialer(PeerId(3), PeerId(9)), preferred_dialer(PeerId(9), PeerId(3)));
+        assert_eq!(
+            preferred_dialer(PeerId(3), PeerId(9)),
+            preferred_dialer(PeerId(9), PeerId(3))
+        );
     }
 
     #[test]

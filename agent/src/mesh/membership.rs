@@ -22,7 +22,10 @@ pub struct Member {
 
 impl Member {
     pub fn update(&self) -> MemberUpdate {
-        MemberUpdate { record: self.record.clone(), liveness: self.liveness }
+        MemberUpdate {
+            record: self.record.clone(),
+            liveness: self.liveness,
+        }
     }
 
     pub fn digest_entry(&self) -> DigestEntry {
@@ -75,7 +78,10 @@ pub struct Membership {
 
 /// The claim implied by the update: at least `Alive` at the record's incarnation.
 fn effective_claim(update: &MemberUpdate) -> LivenessClaim {
-    let implied = LivenessClaim { state: Liveness::Alive, incarnation: update.record.incarnation };
+    let implied = LivenessClaim {
+        state: Liveness::Alive,
+        incarnation: update.record.incarnation,
+    };
     if update.liveness.key() >= implied.key() {
         update.liveness
     } else {
@@ -86,9 +92,19 @@ fn effective_claim(update: &MemberUpdate) -> LivenessClaim {
 impl Membership {
     pub fn new(own: PeerRecord, now: Instant) -> Self {
         let me = own.id;
-        let liveness = LivenessClaim { state: Liveness::Alive, incarnation: own.incarnation };
+        let liveness = LivenessClaim {
+            state: Liveness::Alive,
+            incarnation: own.incarnation,
+        };
         let mut members = BTreeMap::new();
-        members.insert(me, Member { record: own, liveness, liveness_since: now });
+        members.insert(
+            me,
+            Member {
+                record: own,
+                liveness,
+                liveness_since: now,
+            },
+        );
         Membership { me, members }
     }
 
@@ -103,7 +119,10 @@ impl Membership {
 
     /// Replaces our own record (the caller bumped its version or incarnation).
     pub fn set_own(&mut self, record: PeerRecord) {
-        let liveness = LivenessClaim { state: Liveness::Alive, incarnation: record.incarnation };
+        let liveness = LivenessClaim {
+            state: Liveness::Alive,
+            incarnation: record.incarnation,
+        };
         if let Some(m) = self.members.get_mut(&self.me) {
             m.record = record;
             m.liveness = liveness;
@@ -128,7 +147,9 @@ impl Membership {
 
     /// Peers (not us) that are alive or suspect, in id order.
     pub fn up_peers(&self) -> impl Iterator<Item = &Member> {
-        self.members.values().filter(move |m| m.record.id != self.me && m.is_up())
+        self.members
+            .values()
+            .filter(move |m| m.record.id != self.me && m.is_up())
     }
 
     /// Merges an update about another peer. Updates about ourselves must go to the caller's
@@ -149,7 +170,11 @@ impl Membership {
                 }
                 self.members.insert(
                     id,
-                    Member { record: update.record.clone(), liveness: claim, liveness_since: now },
+                    Member {
+                        record: update.record.clone(),
+                        liveness: claim,
+                        liveness_since: now,
+                    },
                 );
                 MergeOutcome {
                     content: true,
@@ -275,7 +300,10 @@ mod tests {
     fn upd(id: u64, inc: u64, ver: u64, state: Liveness, claim_inc: u64) -> MemberUpdate {
         MemberUpdate {
             record: rec(id, inc, ver),
-            liveness: LivenessClaim { state, incarnation: claim_inc },
+            liveness: LivenessClaim {
+                state,
+                incarnation: claim_inc,
+            },
         }
     }
 
@@ -294,7 +322,10 @@ mod tests {
         assert_eq!(m.get(&PeerId(2)).unwrap().liveness.state, Liveness::Dead);
         // A restart (higher incarnation) refutes.
         let out = m.merge(&upd(2, 4, 0, Liveness::Alive, 4), now);
-        assert_eq!(out.state_change, Some((Some(Liveness::Dead), Liveness::Alive)));
+        assert_eq!(
+            out.state_change,
+            Some((Some(Liveness::Dead), Liveness::Alive))
+        );
     }
 
     #[test]
@@ -332,7 +363,12 @@ mod tests {
             upd(2, 1, 1, Liveness::Dead, 1),
         ];
         let mut results = Vec::new();
-        for perm in [[0, 1, 2, 3, 4], [4, 3, 2, 1, 0], [2, 0, 4, 1, 3], [3, 4, 0, 2, 1]] {
+        for perm in [
+            [0, 1, 2, 3, 4],
+            [4, 3, 2, 1, 0],
+            [2, 0, 4, 1, 3],
+            [3, 4, 0, 2, 1],
+        ] {
             let mut m = Membership::new(rec(1, 1, 0), now);
             for i in perm {
                 m.merge(&updates[i], now);
@@ -352,13 +388,28 @@ mod tests {
             id: PeerId(2),
             incarnation: inc,
             version: ver,
-            liveness: LivenessClaim { state, incarnation: ci },
+            liveness: LivenessClaim {
+                state,
+                incarnation: ci,
+            },
         };
         assert_eq!(m.compare(&e(1, 5, Liveness::Alive, 1)), Comparison::Same);
-        assert_eq!(m.compare(&e(1, 6, Liveness::Alive, 1)), Comparison::TheirsNewer);
-        assert_eq!(m.compare(&e(1, 4, Liveness::Alive, 1)), Comparison::OursNewer);
-        assert_eq!(m.compare(&e(1, 4, Liveness::Suspect, 1)), Comparison::Diverged);
-        let unknown = DigestEntry { id: PeerId(9), ..e(1, 0, Liveness::Dead, 1) };
+        assert_eq!(
+            m.compare(&e(1, 6, Liveness::Alive, 1)),
+            Comparison::TheirsNewer
+        );
+        assert_eq!(
+            m.compare(&e(1, 4, Liveness::Alive, 1)),
+            Comparison::OursNewer
+        );
+        assert_eq!(
+            m.compare(&e(1, 4, Liveness::Suspect, 1)),
+            Comparison::Diverged
+        );
+        let unknown = DigestEntry {
+            id: PeerId(9),
+            ..e(1, 0, Liveness::Dead, 1)
+        };
         assert_eq!(m.compare(&unknown), Comparison::Ignorable);
     }
 }

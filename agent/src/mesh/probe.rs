@@ -93,11 +93,11 @@ impl MeshCore {
         if p.acked {
             return;
         }
-        self.out.push(Output::Event(MeshEvent::ProbeFailed { peer: p.target }));
-        let still_alive = self
-            .view
-            .get(&p.target)
-            .is_some_and(|m| m.liveness.state == Liveness::Alive && m.liveness.incarnation == p.incarnation);
+        self.out
+            .push(Output::Event(MeshEvent::ProbeFailed { peer: p.target }));
+        let still_alive = self.view.get(&p.target).is_some_and(|m| {
+            m.liveness.state == Liveness::Alive && m.liveness.incarnation == p.incarnation
+        });
         if still_alive {
             self.claim(now, p.target, Liveness::Suspect, p.incarnation);
         }
@@ -150,11 +150,18 @@ impl MeshCore {
         };
         p.indirect_sent = true;
         let (target, seq) = (p.target, p.seq);
-        let relays: Vec<PeerId> = self.partners().into_iter().filter(|id| *id != target).collect();
-        let relays: Vec<PeerId> =
-            relays.choose_multiple(&mut self.rng, self.cfg.indirect_probes).copied().collect();
+        let relays: Vec<PeerId> = self
+            .partners()
+            .into_iter()
+            .filter(|id| *id != target)
+            .collect();
+        let relays: Vec<PeerId> = relays
+            .choose_multiple(&mut self.rng, self.cfg.indirect_probes)
+            .copied()
+            .collect();
         if !relays.is_empty() {
-            self.out.push(Output::Event(MeshEvent::IndirectProbe { peer: target }));
+            self.out
+                .push(Output::Event(MeshEvent::IndirectProbe { peer: target }));
         }
         for relay in relays {
             self.send(relay, GossipMessage::PingReq { seq, target });
@@ -170,7 +177,10 @@ impl MeshCore {
         }
         if let Some(relay) = self.probe.relays.remove(&seq) {
             if relay.target == from {
-                let msg = GossipMessage::IndirectAck { seq: relay.requester_seq, target: relay.target };
+                let msg = GossipMessage::IndirectAck {
+                    seq: relay.requester_seq,
+                    target: relay.target,
+                };
                 self.send(relay.requester, msg);
             }
         }
@@ -192,11 +202,23 @@ impl MeshCore {
         }
         let relay_seq = self.probe.next_seq();
         let expires = now + self.cfg.probe_interval;
-        self.probe
-            .relays
-            .insert(relay_seq, Relay { requester: from, requester_seq: seq, target, expires });
+        self.probe.relays.insert(
+            relay_seq,
+            Relay {
+                requester: from,
+                requester_seq: seq,
+                target,
+                expires,
+            },
+        );
         let updates = self.piggyback(target);
-        self.send(target, GossipMessage::Ping { seq: relay_seq, updates });
+        self.send(
+            target,
+            GossipMessage::Ping {
+                seq: relay_seq,
+                updates,
+            },
+        );
     }
 
     pub(super) fn expire_suspicions(&mut self, now: Instant) {
@@ -208,10 +230,9 @@ impl MeshCore {
             .collect();
         for (id, incarnation) in expired {
             self.suspicions.remove(&id);
-            let still_suspect = self
-                .view
-                .get(&id)
-                .is_some_and(|m| m.liveness.state == Liveness::Suspect && m.liveness.incarnation == incarnation);
+            let still_suspect = self.view.get(&id).is_some_and(|m| {
+                m.liveness.state == Liveness::Suspect && m.liveness.incarnation == incarnation
+            });
             if still_suspect {
                 self.claim(now, id, Liveness::Dead, incarnation);
             }

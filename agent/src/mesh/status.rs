@@ -3,7 +3,9 @@
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
-use mesh_proto::api::{ConnectionsResponse, IpamSummary, NodeInfo, PeerLink, PeerView, ProtocolRange, StatusResponse};
+use mesh_proto::api::{
+    ConnectionsResponse, IpamSummary, NodeInfo, PeerLink, PeerView, ProtocolRange, StatusResponse,
+};
 
 use super::core::MeshCore;
 
@@ -48,11 +50,19 @@ pub fn peer_views(core: &MeshCore, now: Instant) -> Vec<PeerView> {
         .collect()
 }
 
-pub fn summary(core: &MeshCore, info: &StaticInfo, conns: &ConnectionsResponse, ready: bool, uptime: Duration) -> StatusResponse {
+pub fn summary(
+    core: &MeshCore,
+    info: &StaticInfo,
+    conns: &ConnectionsResponse,
+    ready: bool,
+    uptime: Duration,
+) -> StatusResponse {
     let own = core.own_record();
     let mut peer_states = BTreeMap::new();
     for m in core.members() {
-        *peer_states.entry(m.liveness.state.as_str().to_string()).or_insert(0) += 1;
+        *peer_states
+            .entry(m.liveness.state.as_str().to_string())
+            .or_insert(0) += 1;
     }
     let mut connections = BTreeMap::new();
     for c in &conns.connections {
@@ -61,7 +71,11 @@ pub fn summary(core: &MeshCore, info: &StaticInfo, conns: &ConnectionsResponse, 
         *connections.entry(state).or_insert(0) += 1;
     }
     StatusResponse {
-        node: NodeInfo { name: own.name.clone(), id: own.id.to_string(), incarnation: own.incarnation },
+        node: NodeInfo {
+            name: own.name.clone(),
+            id: own.id.to_string(),
+            incarnation: own.incarnation,
+        },
         ready,
         peers: core.members().count(),
         peer_states,
@@ -74,7 +88,10 @@ pub fn summary(core: &MeshCore, info: &StaticInfo, conns: &ConnectionsResponse, 
         auth: info.auth.clone(),
         listen: info.listen.clone(),
         dataplane: info.dataplane.clone(),
-        protocol: ProtocolRange { min: info.protocol.0, max: info.protocol.1 },
+        protocol: ProtocolRange {
+            min: info.protocol.0,
+            max: info.protocol.1,
+        },
         agent_version: env!("CARGO_PKG_VERSION").to_string(),
         uptime_seconds: uptime.as_secs(),
     }

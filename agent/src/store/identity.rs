@@ -24,9 +24,10 @@ pub struct Identity {
 }
 
 fn u64_from(bytes: &[u8], what: &'static str) -> Result<u64, StoreError> {
-    let arr: [u8; 8] = bytes
-        .try_into()
-        .map_err(|_| StoreError::Corrupt { what, detail: format!("{} bytes, expected 8", bytes.len()) })?;
+    let arr: [u8; 8] = bytes.try_into().map_err(|_| StoreError::Corrupt {
+        what,
+        detail: format!("{} bytes, expected 8", bytes.len()),
+    })?;
     Ok(u64::from_be_bytes(arr))
 }
 
@@ -61,7 +62,12 @@ impl Store {
             t.insert(KEY_INCARNATION, incarnation.to_be_bytes().as_slice())?;
             t.insert(KEY_NODE_KEY, node_key.as_slice())?;
             t.insert(KEY_NODE_NAME, node_name.as_bytes())?;
-            Identity { peer_id, incarnation, node_key, renamed_from }
+            Identity {
+                peer_id,
+                incarnation,
+                node_key,
+                renamed_from,
+            }
         };
         tx.commit()?;
         Ok(identity)
@@ -112,7 +118,9 @@ mod tests {
         };
         assert_eq!(first.incarnation, 1);
         let s = Store::open(dir.path()).unwrap();
-        let second = s.start_identity("b", || panic!("key must be reused")).unwrap();
+        let second = s
+            .start_identity("b", || panic!("key must be reused"))
+            .unwrap();
         assert_eq!(second.peer_id, first.peer_id);
         assert_eq!(second.incarnation, 2);
         assert_eq!(second.node_key, vec![1, 2, 3]);

@@ -12,11 +12,17 @@ pub use identity::Identity;
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
     #[error("cannot create state dir {path}: {source}")]
-    CreateDir { path: PathBuf, source: std::io::Error },
+    CreateDir {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error(
         "cannot open state database {path}: {source} (is another mesh-agent using this --state-dir?)"
     )]
-    Open { path: PathBuf, source: redb::DatabaseError },
+    Open {
+        path: PathBuf,
+        source: redb::DatabaseError,
+    },
     #[error("state database: {0}")]
     Db(String),
     #[error("state database holds a corrupt {what}: {detail}")]
@@ -30,7 +36,12 @@ macro_rules! db_err {
         }
     )*};
 }
-db_err!(redb::TransactionError, redb::TableError, redb::StorageError, redb::CommitError);
+db_err!(
+    redb::TransactionError,
+    redb::TableError,
+    redb::StorageError,
+    redb::CommitError
+);
 
 pub struct Store {
     db: redb::Database,
@@ -40,11 +51,15 @@ pub struct Store {
 impl Store {
     /// Opens (or creates) `<dir>/mesh.redb`.
     pub fn open(dir: &Path) -> Result<Store, StoreError> {
-        std::fs::create_dir_all(dir)
-            .map_err(|source| StoreError::CreateDir { path: dir.to_path_buf(), source })?;
+        std::fs::create_dir_all(dir).map_err(|source| StoreError::CreateDir {
+            path: dir.to_path_buf(),
+            source,
+        })?;
         let path = dir.join("mesh.redb");
-        let db = redb::Database::create(&path)
-            .map_err(|source| StoreError::Open { path: path.clone(), source })?;
+        let db = redb::Database::create(&path).map_err(|source| StoreError::Open {
+            path: path.clone(),
+            source,
+        })?;
         Ok(Store { db, path })
     }
 

@@ -58,14 +58,34 @@ pub struct Established {
 
 pub enum TransportEvent {
     Established(Box<Established>),
-    DialFailed { addr: SocketAddr, reason: String },
-    InboundFailed { addr: SocketAddr, reason: String },
-    Frame { conn_id: u64, peer: PeerId, frame: Frame, bytes: usize },
-    Closed { conn_id: u64, peer: PeerId, reason: String },
+    DialFailed {
+        addr: SocketAddr,
+        reason: String,
+    },
+    InboundFailed {
+        addr: SocketAddr,
+        reason: String,
+    },
+    Frame {
+        conn_id: u64,
+        peer: PeerId,
+        frame: Frame,
+        bytes: usize,
+    },
+    Closed {
+        conn_id: u64,
+        peer: PeerId,
+        reason: String,
+    },
 }
 
 /// Dials `addr` and runs the dialer's half of the handshake.
-pub async fn dial(endpoint: quinn::Endpoint, addr: SocketAddr, local: Local, events: mpsc::Sender<TransportEvent>) {
+pub async fn dial(
+    endpoint: quinn::Endpoint,
+    addr: SocketAddr,
+    local: Local,
+    events: mpsc::Sender<TransportEvent>,
+) {
     let event = match dial_inner(&endpoint, addr, &local).await {
         Ok(est) => TransportEvent::Established(Box::new(est)),
         Err(reason) => TransportEvent::DialFailed { addr, reason },
@@ -73,8 +93,14 @@ pub async fn dial(endpoint: quinn::Endpoint, addr: SocketAddr, local: Local, eve
     let _ = events.send(event).await;
 }
 
-async fn dial_inner(endpoint: &quinn::Endpoint, addr: SocketAddr, local: &Local) -> Result<Established, String> {
-    let connecting = endpoint.connect(addr, SERVER_NAME).map_err(|e| format!("cannot dial: {e}"))?;
+async fn dial_inner(
+    endpoint: &quinn::Endpoint,
+    addr: SocketAddr,
+    local: &Local,
+) -> Result<Established, String> {
+    let connecting = endpoint
+        .connect(addr, SERVER_NAME)
+        .map_err(|e| format!("cannot dial: {e}"))?;
     let conn = match timeout(HANDSHAKE_TIMEOUT, connecting).await {
         Err(_) => return Err("timed out (no answer from peer)".into()),
         Ok(Err(e)) => return Err(describe_connection_error(&e)),
@@ -92,20 +118,40 @@ async fn dial_inner(endpoint: &quinn::Endpoint, addr: SocketAddr, local: &Local)
         }
         Ok(Ok(v)) => v,
     };
-    Ok(Established { conn, send, recv, peer, version, direction: Direction::Out, addr })
+    Ok(Established {
+        conn,
+        send,
+        recv,
+        peer,
+        version,
+        direction: Direction::Out,
+        addr,
+    })
 }
 
 async fn dialer_handshake(
     conn: &quinn::Connection,
     local: &Local,
 ) -> Result<(quinn::SendStream, quinn::RecvStream, PeerRecord, u16), String> {
-    let (mut send, mut recv) = conn.open_bi().await.map_err(|e| describe_connection_error(&e))?;
+    let (mut send, mut recv) = conn
+        .open_bi()
+        .await
+        .map_err(|e| describe_connection_error(&e))?;
     let record = local.record.borrow().clone();
     let me = record.id;
-    let hello = Hello { magic: MAGIC, min_version: local.protocol.0, max_version: local.protocol.1, record };
-    write_message(&mut send, &hello).await.map_err(|e| explain(conn, e))?;
+    let hello = Hello {
+        magic: MAGIC,
+        min_version: local.protocol.0,
+        max_version: local.protocol.1,
+        record,
+    };
+    write_message(&mut send, &hello)
+        .await
+        .map_err(|e| explain(conn, e))?;
     let mut buf = Vec::new();
-    read_frame(&mut recv, &mut buf).await.map_err(|e| explain(conn, e))?;
+    read_frame(&mut recv, &mut buf)
+        .await
+        .map_err(|e| explain(conn, e))?;
     match wire::decode_body::<HelloReply>(&buf) {
         Ok(HelloReply::Welcome { version, record }) => {
             if record.id == me {
@@ -128,8 +174,14 @@ pub async fn accept(incoming: quinn::Incoming, local: Local, events: mpsc::Sende
     let _ = events.send(event).await;
 }
 
-async fn accept_inner(incoming: quinn::Incoming, addr: SocketAddr, local: &Local) -> Result<Established, String> {
-    let connecting = incoming.accept().map_err(|e| describe_connection_error(&e))?;
+async fn accept_inner(
+    incoming: quinn::Incoming,
+    addr: SocketAddr,
+    local: &Local,
+) -> Result<Established, String> {
+    let connecting = incoming
+        .accept()
+        .map_err(|e| describe_connection_error(&e))?;
     let conn = match timeout(HANDSHAKE_TIMEOUT, connecting).await {
         Err(_) => return Err("timed out during TLS handshake".into()),
         Ok(Err(e)) => return Err(describe_connection_error(&e)),
@@ -141,9 +193,15 @@ async fn accept_inner(incoming: quinn::Incoming, addr: SocketAddr, local: &Local
             Err("handshake timed out".into())
         }
         Ok(Err(reason)) => Err(reason),
-        Ok(Ok((send, recv, peer, version))) => {
-            Ok(Established { conn, send, recv, peer, version, direction: Direction::In, addr })
-        }
+        Ok(Ok((send, recv, peer, version))) => Ok(Established {
+            conn,
+            send,
+            recv,
+            peer,
+            version,
+            direction: Direction::In,
+            addr,
+        }),
     }
 }
 
@@ -151,9 +209,14 @@ async fn acceptor_handshake(
     conn: &quinn::Connection,
     local: &Local,
 ) -> Result<(quinn::SendStream, quinn::RecvStream, PeerRecord, u16), String> {
-    let (mut send, mut recv) = conn.accept_bi().await.map_err(|e| describe_connection_error(&e))?;
+    let (mut send, mut recv) = conn
+        .accept_bi()
+        .await
+        .map_err(|e| describe_connection_error(&e))?;
     let mut buf = Vec::new();
-    read_frame(&mut recv, &mut buf).await.map_err(|e| explain(conn, e))?;
+    read_frame(&mut recv, &mut buf)
+        .await
+        .map_err(|e| explain(conn, e))?;
     let (head, full) = match wire::decode_hello(&buf) {
         Ok(v) => v,
         Err(e) => {
@@ -163,22 +226,43 @@ async fn acceptor_handshake(
     };
     let theirs = (head.min_version, head.max_version);
     let Some(version) = wire::negotiate(local.protocol, theirs) else {
-        return refuse(conn, &mut send, RefuseReason::ProtocolVersion { ours: local.protocol, theirs }).await;
+        return refuse(
+            conn,
+            &mut send,
+            RefuseReason::ProtocolVersion {
+                ours: local.protocol,
+                theirs,
+            },
+        )
+        .await;
     };
     let hello = match full {
         Ok(h) => h,
-        Err(e) => return refuse(conn, &mut send, RefuseReason::Other(format!("undecodable hello: {e}"))).await,
+        Err(e) => {
+            return refuse(
+                conn,
+                &mut send,
+                RefuseReason::Other(format!("undecodable hello: {e}")),
+            )
+            .await
+        }
     };
     let record = local.record.borrow().clone();
     if hello.record.id == record.id {
         return refuse(conn, &mut send, RefuseReason::SameId).await;
     }
-    write_message(&mut send, &HelloReply::Welcome { version, record }).await.map_err(|e| explain(conn, e))?;
+    write_message(&mut send, &HelloReply::Welcome { version, record })
+        .await
+        .map_err(|e| explain(conn, e))?;
     Ok((send, recv, hello.record, version))
 }
 
 /// Tells the dialer why, then closes with the same reason.
-async fn refuse<T>(conn: &quinn::Connection, send: &mut quinn::SendStream, reason: RefuseReason) -> Result<T, String> {
+async fn refuse<T>(
+    conn: &quinn::Connection,
+    send: &mut quinn::SendStream,
+    reason: RefuseReason,
+) -> Result<T, String> {
     let text = reason.to_string();
     let _ = write_message(send, &HelloReply::Refuse { reason }).await;
     let _ = send.finish();
@@ -203,7 +287,13 @@ pub fn run(
     events: mpsc::Sender<TransportEvent>,
     mut outgoing: mpsc::Receiver<Vec<u8>>,
 ) {
-    let Established { conn, mut send, mut recv, peer, .. } = est;
+    let Established {
+        conn,
+        mut send,
+        mut recv,
+        peer,
+        ..
+    } = est;
     let peer_id = peer.id;
     let writer_conn = conn.clone();
     tokio::spawn(async move {
@@ -224,7 +314,16 @@ pub fn run(
                 Ok(()) => match wire::decode_body::<Frame>(&buf) {
                     Ok(frame) => {
                         let bytes = buf.len() + 4;
-                        if events.send(TransportEvent::Frame { conn_id, peer: peer_id, frame, bytes }).await.is_err() {
+                        if events
+                            .send(TransportEvent::Frame {
+                                conn_id,
+                                peer: peer_id,
+                                frame,
+                                bytes,
+                            })
+                            .await
+                            .is_err()
+                        {
                             break "agent shutting down".to_string();
                         }
                     }
@@ -242,6 +341,12 @@ pub fn run(
                 Err(e) => break explain(&conn, e),
             }
         };
-        let _ = events.send(TransportEvent::Closed { conn_id, peer: peer_id, reason }).await;
+        let _ = events
+            .send(TransportEvent::Closed {
+                conn_id,
+                peer: peer_id,
+                reason,
+            })
+            .await;
     });
 }

@@ -30,7 +30,10 @@ pub async fn read_frame(recv: &mut quinn::RecvStream, buf: &mut Vec<u8>) -> Resu
     Ok(())
 }
 
-pub async fn write_message<T: Serialize>(send: &mut quinn::SendStream, msg: &T) -> Result<usize, FrameError> {
+pub async fn write_message<T: Serialize>(
+    send: &mut quinn::SendStream,
+    msg: &T,
+) -> Result<usize, FrameError> {
     let frame = wire::encode_frame(msg)?;
     send.write_all(&frame).await?;
     Ok(frame.len())

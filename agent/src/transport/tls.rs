@@ -70,7 +70,8 @@ pub fn generate_node_key() -> Result<Vec<u8>, TlsError> {
 /// RFC 8410 PKCS#8 v1 wrapping of an Ed25519 seed.
 fn ed25519_pkcs8(seed: &[u8; 32]) -> Vec<u8> {
     let mut der = vec![
-        0x30, 0x2e, 0x02, 0x01, 0x00, 0x30, 0x05, 0x06, 0x03, 0x2b, 0x65, 0x70, 0x04, 0x22, 0x04, 0x20,
+        0x30, 0x2e, 0x02, 0x01, 0x00, 0x30, 0x05, 0x06, 0x03, 0x2b, 0x65, 0x70, 0x04, 0x22, 0x04,
+        0x20,
     ];
     der.extend_from_slice(seed);
     der
@@ -119,7 +120,11 @@ pub struct EndpointCrypto {
     pub client: quinn::ClientConfig,
 }
 
-pub fn endpoint_crypto(auth: &Auth, node_name: &str, node_key_der: &[u8]) -> Result<EndpointCrypto, TlsError> {
+pub fn endpoint_crypto(
+    auth: &Auth,
+    node_name: &str,
+    node_key_der: &[u8],
+) -> Result<EndpointCrypto, TlsError> {
     let node_key = KeyPair::try_from(node_key_der)?;
     let key_der = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(node_key_der.to_vec()));
     let params = node_params(node_name)?;
@@ -134,10 +139,12 @@ pub fn endpoint_crypto(auth: &Auth, node_name: &str, node_key_der: &[u8]) -> Res
             let mut roots = rustls::RootCertStore::empty();
             roots.add(ca_cert.der().clone())?;
             let roots = Arc::new(roots);
-            let client_verifier =
-                rustls::server::WebPkiClientVerifier::builder_with_provider(roots.clone(), provider.clone())
-                    .build()
-                    .map_err(|e| TlsError::Verifier(e.to_string()))?;
+            let client_verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
+                roots.clone(),
+                provider.clone(),
+            )
+            .build()
+            .map_err(|e| TlsError::Verifier(e.to_string()))?;
             let server = rustls::ServerConfig::builder_with_provider(provider.clone())
                 .with_protocol_versions(&[&rustls::version::TLS13])?
                 .with_client_cert_verifier(client_verifier)
@@ -164,7 +171,10 @@ pub fn endpoint_crypto(auth: &Auth, node_name: &str, node_key_der: &[u8]) -> Res
             (server, client)
         }
     };
-    Ok(EndpointCrypto { server: quic_server(server)?, client: quic_client(client)? })
+    Ok(EndpointCrypto {
+        server: quic_server(server)?,
+        client: quic_client(client)?,
+    })
 }
 
 fn transport_config() -> Arc<quinn::TransportConfig> {
@@ -201,19 +211,46 @@ fn quic_client(mut cfg: rustls::ClientConfig) -> Result<quinn::ClientConfig, Tls
 struct AcceptAnyCert(Arc<CryptoProvider>);
 
 impl AcceptAnyCert {
-    fn verify13(&self, message: &[u8], cert: &CertificateDer<'_>, dss: &DigitallySignedStruct) -> Result<HandshakeSignatureValid, rustls::Error> {
-        verify_tls13_signature(message, cert, dss, &self.0.signature_verification_algorithms)
+    fn verify13(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        verify_tls13_signature(
+            message,
+            cert,
+            dss,
+            &self.0.signature_verification_algorithms,
+        )
     }
 }
 
 impl ServerCertVerifier for AcceptAnyCert {
-    fn verify_server_cert(&self, _: &CertificateDer<'_>, _: &[CertificateDer<'_>], _: &ServerName<'_>, _: &[u8], _: UnixTime) -> Result<ServerCertVerified, rustls::Error> {
+    fn verify_server_cert(
+        &self,
+        _: &CertificateDer<'_>,
+        _: &[CertificateDer<'_>],
+        _: &ServerName<'_>,
+        _: &[u8],
+        _: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
         Ok(ServerCertVerified::assertion())
     }
-    fn verify_tls12_signature(&self, _: &[u8], _: &CertificateDer<'_>, _: &DigitallySignedStruct) -> Result<HandshakeSignatureValid, rustls::Error> {
+    fn verify_tls12_signature(
+        &self,
+        _: &[u8],
+        _: &CertificateDer<'_>,
+        _: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
         Err(rustls::Error::General("TLS 1.2 is not used by mesh".into()))
     }
-    fn verify_tls13_signature(&self, message: &[u8], cert: &CertificateDer<'_>, dss: &DigitallySignedStruct) -> Result<HandshakeSignatureValid, rustls::Error> {
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
         self.verify13(message, cert, dss)
     }
     fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
@@ -225,13 +262,28 @@ impl ClientCertVerifier for AcceptAnyCert {
     fn root_hint_subjects(&self) -> &[TlsDn] {
         &[]
     }
-    fn verify_client_cert(&self, _: &CertificateDer<'_>, _: &[CertificateDer<'_>], _: UnixTime) -> Result<ClientCertVerified, rustls::Error> {
+    fn verify_client_cert(
+        &self,
+        _: &CertificateDer<'_>,
+        _: &[CertificateDer<'_>],
+        _: UnixTime,
+    ) -> Result<ClientCertVerified, rustls::Error> {
         Ok(ClientCertVerified::assertion())
     }
-    fn verify_tls12_signature(&self, _: &[u8], _: &CertificateDer<'_>, _: &DigitallySignedStruct) -> Result<HandshakeSignatureValid, rustls::Error> {
+    fn verify_tls12_signature(
+        &self,
+        _: &[u8],
+        _: &CertificateDer<'_>,
+        _: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
         Err(rustls::Error::General("TLS 1.2 is not used by mesh".into()))
     }
-    fn verify_tls13_signature(&self, message: &[u8], cert: &CertificateDer<'_>, dss: &DigitallySignedStruct) -> Result<HandshakeSignatureValid, rustls::Error> {
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
         self.verify13(message, cert, dss)
     }
     fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
@@ -246,11 +298,19 @@ pub fn describe_connection_error(e: &quinn::ConnectionError) -> String {
     let alert = |code: u64| (0x100..0x200).contains(&code).then(|| (code - 0x100) as u8);
     match e {
         E::TransportError(t) if alert(u64::from(t.code)).is_some() => {
-            format!("authentication failed: {}{}", t.reason, hint(alert(u64::from(t.code))))
+            format!(
+                "authentication failed: {}{}",
+                t.reason,
+                hint(alert(u64::from(t.code)))
+            )
         }
         E::ConnectionClosed(c) if alert(u64::from(c.error_code)).is_some() => {
             let code = alert(u64::from(c.error_code));
-            format!("authentication failed: peer rejected the TLS handshake ({}){}", alert_name(code), hint(code))
+            format!(
+                "authentication failed: peer rejected the TLS handshake ({}){}",
+                alert_name(code),
+                hint(code)
+            )
         }
         E::ApplicationClosed(c) => {
             let reason = String::from_utf8_lossy(&c.reason);
@@ -279,7 +339,9 @@ fn alert_name(code: Option<u8>) -> String {
 fn hint(code: Option<u8>) -> &'static str {
     match code {
         Some(42 | 48 | 51) => " (different cluster secret? both ends need the same --secret-file)",
-        Some(116) => " (peer runs with --insecure-no-auth while we require a cluster secret, or the reverse)",
+        Some(116) => {
+            " (peer runs with --insecure-no-auth while we require a cluster secret, or the reverse)"
+        }
         _ => "",
     }
 }

@@ -35,14 +35,32 @@ pub struct NetConfig {
 
 impl Default for NetConfig {
     fn default() -> Self {
-        NetConfig { loss: 0.10, duplicate: 0.02, min_delay_ms: 1, max_delay_ms: 40 }
+        NetConfig {
+            loss: 0.10,
+            duplicate: 0.02,
+            min_delay_ms: 1,
+            max_delay_ms: 40,
+        }
     }
 }
 
+/// (content key, liveness key) of one member in one node's view.
+type MemberKey = ((u64, u64), (u64, u8));
+
 enum Event {
-    Deliver { from: usize, to: usize, msg: GossipMessage },
-    Timer { node: usize, generation: u64 },
-    DriverTick { node: usize, generation: u64 },
+    Deliver {
+        from: usize,
+        to: usize,
+        msg: GossipMessage,
+    },
+    Timer {
+        node: usize,
+        generation: u64,
+    },
+    DriverTick {
+        node: usize,
+        generation: u64,
+    },
 }
 
 struct Node {
@@ -54,7 +72,7 @@ struct Node {
     desired: BTreeSet<usize>,
     bootstrap: Option<usize>,
     /// Last (content key, liveness key) this node held for each member: must never go down.
-    seen: BTreeMap<PeerId, ((u64, u64), (u64, u8))>,
+    seen: BTreeMap<PeerId, MemberKey>,
     timer_at: Option<u64>,
 }
 
@@ -122,7 +140,11 @@ impl Sim {
             events: BTreeMap::new(),
             next_event: 0,
             links: BTreeMap::new(),
-            stats: Stats { messages: 0, bytes: 0, steps: 0 },
+            stats: Stats {
+                messages: 0,
+                bytes: 0,
+                steps: 0,
+            },
             measure_bytes: false,
         }
     }
@@ -164,7 +186,10 @@ impl Sim {
 
     /// Starts (or restarts after a crash) a node that bootstraps through `bootstrap`.
     pub fn start(&mut self, node: usize, bootstrap: Option<usize>) {
-        assert!(self.nodes[node].core.is_none(), "node {node} already running");
+        assert!(
+            self.nodes[node].core.is_none(),
+            "node {node} already running"
+        );
         let n = &mut self.nodes[node];
         // Like the agent: every start bumps and stores the incarnation before anything is sent.
         n.stored_incarnation += 1;
@@ -228,13 +253,21 @@ impl Sim {
     }
 
     fn reachable(&self, a: usize, b: usize) -> bool {
-        self.group[a] == self.group[b] && self.nodes[a].core.is_some() && self.nodes[b].core.is_some()
+        self.group[a] == self.group[b]
+            && self.nodes[a].core.is_some()
+            && self.nodes[b].core.is_some()
     }
 
     fn arm_timer(&mut self, node: usize) {
-        let Some(core) = self.nodes[node].core.as_ref() else { return };
+        let Some(core) = self.nodes[node].core.as_ref() else {
+            return;
+        };
         // Round up: a deadline inside a millisecond must not fire before it is due.
-        let at = core.poll_timeout().saturating_duration_since(self.base).as_micros().div_ceil(1000) as u64;
+        let at = core
+            .poll_timeout()
+            .saturating_duration_since(self.base)
+            .as_nanos()
+            .div_ceil(1_000_000) as u64;
         let at = at.max(self.now_ms);
         if self.nodes[node].timer_at.is_some_and(|t| t <= at) {
             return;
@@ -246,12 +279,32 @@ impl Sim {
 
     /// Runs the simulation until `until_ms`.
     pub fn run_until(&mut self, until_ms: u64) {
+        let mut same_instant = 0u32;
         while let Some(Reverse((at, key))) = self.queue.peek().copied() {
             if at > until_ms {
                 break;
             }
             self.queue.pop();
-            let Some(event) = self.events.remove(&key) else { continue };
+            let Some(event) = self.events.remove(&key) else {
+                continue;
+            };
+            same_instant = if at == self.now_ms {
+                same_instant + 1
+            } else {
+                0
+            };
+            if same_instant > 200_000 {
+                let what = match &event {
+                    Event::Deliver { from, to, msg } => {
+                        format!("deliver {from}->{to} {}", msg.kind())
+                    }
+                    Event::Timer { node, .. } => format!("timer of node {node}"),
+                    Event::DriverTick { node, .. } => format!("driver tick of node {node}"),
+                };
+                self.fail(format!(
+                    "livelock: 200000 events at one instant, e.g. {what}"
+                ));
+            }
             self.now_ms = at;
             self.step(event);
         }
@@ -259,7 +312,12 @@ impl Sim {
     }
 
     /// Runs until `pred` holds (checked every `every_ms`) or `deadline_ms` passes.
-    pub fn run_until_pred(&mut self, deadline_ms: u64, every_ms: u64, mut pred: impl FnMut(&Sim) -> bool) -> Option<u64> {
+    pub fn run_until_pred(
+        &mut self,
+        deadline_ms: u64,
+        every_ms: u64,
+        mut pred: impl FnMut(&Sim) -> bool,
+    ) -> Option<u64> {
         loop {
             if pred(self) {
                 return Some(self.now_ms);
@@ -282,20 +340,25 @@ impl Sim {
                 let touched: Vec<PeerId> = match &msg {
                     GossipMessage::Ping { updates, .. }
                     | GossipMessage::Ack { updates, .. }
-                    | GossipMessage::Updates { updates } => updates.iter().map(|u| u.record.id).collect(),
+                    | GossipMessage::Updates { updates } => {
+                        updates.iter().map(|u| u.record.id).collect()
+                    }
                     _ => Vec::new(),
                 };
                 let from_id = self.ids[from];
                 self.input(to, Input::Message { from: from_id, msg }, touched);
             }
             Event::Timer { node, generation } => {
-                if self.nodes[node].generation != generation || self.nodes[node].timer_at != Some(self.now_ms) {
+                if self.nodes[node].generation != generation
+                    || self.nodes[node].timer_at != Some(self.now_ms)
+                {
                     return;
                 }
                 self.nodes[node].timer_at = None;
-                let due = self.nodes[node].core.as_ref().is_some_and(|c| {
-                    c.poll_timeout() <= self.instant(self.now_ms)
-                });
+                let due = self.nodes[node]
+                    .core
+                    .as_ref()
+                    .is_some_and(|c| c.poll_timeout() <= self.instant(self.now_ms));
                 if due {
                     self.input(node, Input::Timer, Vec::new());
                 } else {
@@ -307,7 +370,10 @@ impl Sim {
                     return;
                 }
                 self.driver_tick(node);
-                self.schedule(self.now_ms + REDIAL_MS, Event::DriverTick { node, generation });
+                self.schedule(
+                    self.now_ms + REDIAL_MS,
+                    Event::DriverTick { node, generation },
+                );
             }
         }
     }
@@ -318,13 +384,16 @@ impl Sim {
         let now = self.now_ms;
         // Links whose peer went silent time out; links neither end wants any more (a
         // bootstrap link once real neighbours exist) are closed like the driver's idle close.
-        let wanted = |s: &Sim, a: usize, b: usize| s.nodes[a].desired.contains(&b) || s.nodes[b].desired.contains(&a);
+        let wanted = |s: &Sim, a: usize, b: usize| {
+            s.nodes[a].desired.contains(&b) || s.nodes[b].desired.contains(&a)
+        };
         let expired: Vec<(usize, usize)> = self
             .links
             .iter()
             .filter(|((a, b), broken)| {
                 (*a == node || *b == node)
-                    && (broken.is_some_and(|t| now >= t + LINK_IDLE_TIMEOUT_MS) || (broken.is_none() && !wanted(self, *a, *b)))
+                    && (broken.is_some_and(|t| now >= t + LINK_IDLE_TIMEOUT_MS)
+                        || (broken.is_none() && !wanted(self, *a, *b)))
             })
             .map(|(k, _)| *k)
             .collect();
@@ -349,21 +418,43 @@ impl Sim {
             }
             self.links.insert(key, None);
             let (Some(rec_a), Some(rec_b)) = (
-                self.nodes[node].core.as_ref().map(|c| c.own_record().clone()),
-                self.nodes[other].core.as_ref().map(|c| c.own_record().clone()),
+                self.nodes[node]
+                    .core
+                    .as_ref()
+                    .map(|c| c.own_record().clone()),
+                self.nodes[other]
+                    .core
+                    .as_ref()
+                    .map(|c| c.own_record().clone()),
             ) else {
                 continue;
             };
-            self.input(node, Input::PeerConnected { record: rec_b, outbound: true }, Vec::new());
+            self.input(
+                node,
+                Input::PeerConnected {
+                    record: rec_b,
+                    outbound: true,
+                },
+                Vec::new(),
+            );
             if self.nodes[other].core.is_some() {
-                self.input(other, Input::PeerConnected { record: rec_a, outbound: false }, Vec::new());
+                self.input(
+                    other,
+                    Input::PeerConnected {
+                        record: rec_a,
+                        outbound: false,
+                    },
+                    Vec::new(),
+                );
             }
         }
     }
 
     fn input(&mut self, node: usize, input: Input, mut touched: Vec<PeerId>) {
         let now = self.instant(self.now_ms);
-        let Some(core) = self.nodes[node].core.as_mut() else { return };
+        let Some(core) = self.nodes[node].core.as_mut() else {
+            return;
+        };
         if let Input::PeerConnected { record, .. } = &input {
             touched.push(record.id);
         }
@@ -372,7 +463,10 @@ impl Sim {
             match out {
                 Output::Send { to, msg } => self.transmit(node, to, msg),
                 Output::SetNeighbours(set) => {
-                    let desired = set.iter().filter_map(|id| self.index.get(id).copied()).collect();
+                    let desired = set
+                        .iter()
+                        .filter_map(|id| self.index.get(id).copied())
+                        .collect();
                     self.nodes[node].desired = desired;
                 }
                 Output::PersistIncarnation(inc) => {
@@ -393,28 +487,51 @@ impl Sim {
         };
         self.stats.messages += 1;
         if self.measure_bytes {
-            self.stats.bytes += postcard::to_allocvec(&msg).map(|v| v.len() as u64).unwrap_or(0);
+            self.stats.bytes += postcard::to_allocvec(&msg)
+                .map(|v| v.len() as u64)
+                .unwrap_or(0);
         }
         if self.rng.random_bool(self.net.loss) {
             return;
         }
-        let copies = if self.rng.random_bool(self.net.duplicate) { 2 } else { 1 };
+        let copies = if self.rng.random_bool(self.net.duplicate) {
+            2
+        } else {
+            1
+        };
         for _ in 0..copies {
-            let delay = self.rng.random_range(self.net.min_delay_ms..=self.net.max_delay_ms);
-            self.schedule(self.now_ms + delay, Event::Deliver { from, to, msg: msg.clone() });
+            let delay = self
+                .rng
+                .random_range(self.net.min_delay_ms..=self.net.max_delay_ms);
+            self.schedule(
+                self.now_ms + delay,
+                Event::Deliver {
+                    from,
+                    to,
+                    msg: msg.clone(),
+                },
+            );
         }
     }
 
     /// Per-step invariants for the members a step could have changed.
     fn check_node(&mut self, node: usize, touched: &[PeerId]) {
-        let Some(core) = self.nodes[node].core.as_ref() else { return };
+        let Some(core) = self.nodes[node].core.as_ref() else {
+            return;
+        };
         let me = self.ids[node];
         let own = core.member(&me).expect("own entry");
         if own.liveness.state != Liveness::Alive {
-            self.fail(format!("node {node} believes itself {:?}", own.liveness.state));
+            self.fail(format!(
+                "node {node} believes itself {:?}",
+                own.liveness.state
+            ));
         }
         if own.record.incarnation > self.nodes[node].stored_incarnation {
-            self.fail(format!("node {node} uses incarnation {} but stored only {}", own.record.incarnation, self.nodes[node].stored_incarnation));
+            self.fail(format!(
+                "node {node} uses incarnation {} but stored only {}",
+                own.record.incarnation, self.nodes[node].stored_incarnation
+            ));
         }
         let mut errors = Vec::new();
         let mut seen_updates = Vec::new();
@@ -423,13 +540,18 @@ impl Sim {
             let key = (m.record.content_key(), m.liveness.key());
             if let Some(prev) = self.nodes[node].seen.get(id) {
                 if key.0 < prev.0 || key.1 < prev.1 {
-                    errors.push(format!("node {node}'s view of {id} went back from {prev:?} to {key:?}"));
+                    errors.push(format!(
+                        "node {node}'s view of {id} went back from {prev:?} to {key:?}"
+                    ));
                 }
             }
             // Durability: nobody can know an incarnation its owner has not stored.
             let owner = self.index[id];
             if m.record.incarnation > self.nodes[owner].stored_incarnation {
-                errors.push(format!("node {node} holds incarnation {} of node {owner}, which stored only {}", m.record.incarnation, self.nodes[owner].stored_incarnation));
+                errors.push(format!(
+                    "node {node} holds incarnation {} of node {owner}, which stored only {}",
+                    m.record.incarnation, self.nodes[owner].stored_incarnation
+                ));
             }
             seen_updates.push((*id, key));
         }
@@ -445,7 +567,10 @@ impl Sim {
     /// Every running node sees the same up members with the same keys, and the up members
     /// are exactly the running nodes.
     pub fn converged(&self) -> bool {
-        let running: BTreeSet<PeerId> = (0..self.len()).filter(|i| self.is_up(*i)).map(|i| self.ids[i]).collect();
+        let running: BTreeSet<PeerId> = (0..self.len())
+            .filter(|i| self.is_up(*i))
+            .map(|i| self.ids[i])
+            .collect();
         let mut reference = None;
         for i in 0..self.len() {
             let Some(core) = self.core(i) else { continue };
@@ -454,7 +579,11 @@ impl Sim {
                 .filter(|m| m.is_up())
                 .map(|m| (m.record.id, m.record.content_key(), m.liveness))
                 .collect();
-            if up.len() != running.len() || up.iter().any(|(id, _, l)| !running.contains(id) || l.state != Liveness::Alive) {
+            if up.len() != running.len()
+                || up
+                    .iter()
+                    .any(|(id, _, l)| !running.contains(id) || l.state != Liveness::Alive)
+            {
                 return false;
             }
             match &reference {
@@ -478,15 +607,22 @@ impl Sim {
     /// True when every running node holds `node` as alive at its current incarnation.
     pub fn all_see_alive(&self, node: usize) -> bool {
         let id = self.ids[node];
-        let Some(inc) = self.core(node).map(|c| c.own_record().incarnation) else { return false };
+        let Some(inc) = self.core(node).map(|c| c.own_record().incarnation) else {
+            return false;
+        };
         (0..self.len()).filter_map(|i| self.core(i)).all(|c| {
-            c.member(&id).is_some_and(|m| m.liveness.state == Liveness::Alive && m.record.incarnation == inc)
+            c.member(&id)
+                .is_some_and(|m| m.liveness.state == Liveness::Alive && m.record.incarnation == inc)
         })
     }
 
     /// Largest control-connection degree of any running node.
     pub fn max_degree(&self) -> usize {
-        (0..self.len()).filter_map(|i| self.core(i)).map(|c| c.connected().len()).max().unwrap_or(0)
+        (0..self.len())
+            .filter_map(|i| self.core(i))
+            .map(|c| c.connected().len())
+            .max()
+            .unwrap_or(0)
     }
 
     pub fn rng(&mut self) -> &mut StdRng {
