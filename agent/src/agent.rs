@@ -33,12 +33,9 @@ pub async fn run(cfg: AgentConfig) -> Result<()> {
         }
     };
     let store = Arc::new(Store::open(&cfg.state_dir)?);
-    let identity = store.start_identity(&resolved.node_name, || {
-        tls::generate_node_key().unwrap_or_default()
-    })?;
-    if identity.node_key.is_empty() {
-        anyhow::bail!("cannot generate a node key");
-    }
+    // Generated up front (cheap) so a failure cannot leave an empty key in the store.
+    let fresh_key = tls::generate_node_key().context("cannot generate a node key")?;
+    let identity = store.start_identity(&resolved.node_name, fresh_key)?;
     if let Some(old) = &identity.renamed_from {
         warn!(old = %old, new = %resolved.node_name, "node name changed since the last run; keeping the same peer id");
     }
@@ -112,8 +109,9 @@ pub async fn run(cfg: AgentConfig) -> Result<()> {
         wait_for_signal().await;
         let _ = shutdown_tx.send(true);
     });
-    driver.run(api_rx, shutdown_rx).await;
+    let outcome = driver.run(api_rx, shutdown_rx).await;
     let _ = std::fs::remove_file(&cfg.socket);
+    outcome.map_err(|e| anyhow::anyhow!("mesh-agent stopped: {e}"))?;
     info!("mesh-agent stopped");
     Ok(())
 }

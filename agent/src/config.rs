@@ -1,7 +1,7 @@
 //! `mesh-agent` configuration: flags with `MESH_*` environment fallbacks, validated once at
 //! start. Names follow ARCHITECTURE.md (Interfaces).
 
-use std::net::{IpAddr, SocketAddr, ToSocketAddrs};
+use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
 
 use anyhow::{bail, Context, Result};
@@ -115,7 +115,9 @@ pub struct AgentConfig {
 pub struct Resolved {
     pub node_name: String,
     pub advertise: SocketAddr,
-    pub peers: Vec<SocketAddr>,
+    /// `--peers` as dial targets `host:port`; names are resolved on every dial attempt, so a
+    /// peer whose name does not resolve yet does not stop the agent.
+    pub peers: Vec<String>,
     pub secret: Option<Vec<u8>>,
     pub protocol: (u16, u16),
 }
@@ -163,7 +165,8 @@ impl AgentConfig {
             }
             peers.push(parse_peer(p)?);
         }
-        peers.retain(|p| *p != advertise && *p != self.listen);
+        let (me_advertised, me_listen) = (advertise.to_string(), self.listen.to_string());
+        peers.retain(|p| *p != me_advertised && *p != me_listen);
         peers.sort();
         peers.dedup();
         let protocol = match &self.protocol_range {
@@ -191,24 +194,32 @@ impl AgentConfig {
     }
 }
 
-/// `host`, `host:port`, `ip`, `ip:port`, `[v6]:port`.
-pub fn parse_peer(s: &str) -> Result<SocketAddr> {
+/// `host`, `host:port`, `ip`, `ip:port`, `[v6]:port` as a dial target `host:port`.
+/// Checks the syntax only; names are resolved when dialed.
+pub fn parse_peer(s: &str) -> Result<String> {
     if let Ok(a) = s.parse::<SocketAddr>() {
-        return Ok(a);
+        return Ok(a.to_string());
     }
     if let Ok(ip) = s.parse::<IpAddr>() {
-        return Ok(SocketAddr::new(ip, DEFAULT_PORT));
+        return Ok(SocketAddr::new(ip, DEFAULT_PORT).to_string());
     }
-    let with_port = if s.contains(':') {
-        s.to_string()
-    } else {
-        format!("{s}:{DEFAULT_PORT}")
+    let (host, port) = match s.rsplit_once(':') {
+        Some((h, p)) => (
+            h,
+            p.parse::<u16>()
+                .with_context(|| format!("peer {s:?}: {p:?} is not a port number"))?,
+        ),
+        None => (s, DEFAULT_PORT),
     };
-    with_port
-        .to_socket_addrs()
-        .with_context(|| format!("cannot resolve peer {s:?}"))?
-        .next()
-        .with_context(|| format!("peer {s:?} resolves to no address"))
+    let valid = !host.is_empty()
+        && host.len() <= 253
+        && host
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '.');
+    if !valid {
+        bail!("peer {s:?} is neither an IP address nor a host name");
+    }
+    Ok(format!("{host}:{port}"))
 }
 
 fn hostname() -> Result<String> {
@@ -274,16 +285,13 @@ mod tests {
 
     #[test]
     fn peers_parse_with_and_without_port() {
-        assert_eq!(
-            parse_peer("10.0.0.1").unwrap(),
-            "10.0.0.1:6783".parse().unwrap()
-        );
-        assert_eq!(
-            parse_peer("10.0.0.1:7000").unwrap(),
-            "10.0.0.1:7000".parse().unwrap()
-        );
-        assert_eq!(parse_peer("localhost:7001").unwrap().port(), 7001);
-        assert!(parse_peer("no such host .invalid").is_err());
+        assert_eq!(parse_peer("10.0.0.1").unwrap(), "10.0.0.1:6783");
+        assert_eq!(parse_peer("10.0.0.1:7000").unwrap(), "10.0.0.1:7000");
+        assert_eq!(parse_peer("node-2:7001").unwrap(), "node-2:7001");
+        assert_eq!(parse_peer("node-2.example").unwrap(), "node-2.example:6783");
+        assert_eq!(parse_peer("[::1]:7000").unwrap(), "[::1]:7000");
+        assert!(parse_peer("no such host").is_err());
+        assert!(parse_peer("host:99999").is_err());
     }
 
     #[test]

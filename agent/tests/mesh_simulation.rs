@@ -194,16 +194,25 @@ fn control_connections_stay_bounded_at_300_nodes() {
     );
 }
 
-/// Rounds (gossip intervals) for one change to reach every node, and steady-state bytes.
-fn dissemination(nodes: usize, seed: u64) -> (u64, f64) {
-    let mut sim = Sim::new(seed, nodes, NetConfig::default(), CoreConfig::default());
+struct Dissemination {
+    join_ms: u64,
+    rounds: u64,
+    bytes_per_node_s: f64,
+}
+
+/// Join time (until every node knows every node as up), rounds (gossip intervals) for one
+/// record change to reach every node, and steady-state gossip bytes per node per second.
+fn dissemination(nodes: usize, seed: u64, loss: f64) -> Dissemination {
+    let net = NetConfig {
+        loss,
+        ..NetConfig::default()
+    };
+    let mut sim = Sim::new(seed, nodes, net, CoreConfig::default());
     start_cluster(&mut sim);
-    let settle = if nodes > 200 { 120_000 } else { 40_000 };
-    assert!(
-        sim.run_until_pred(settle, 500, Sim::converged).is_some(),
-        "{nodes} nodes did not converge"
-    );
-    sim.run_until(sim.now_ms + 10_000);
+    let join_ms = sim
+        .run_until_pred(120_000, 250, Sim::all_know_all)
+        .unwrap_or_else(|| panic!("{nodes} nodes did not all learn of each other within 120 s"));
+    sim.run_until(sim.now_ms + 20_000);
     // Steady-state traffic over 20 simulated seconds.
     sim.measure_bytes = true;
     let (b0, t0) = (sim.stats.bytes, sim.now_ms);
@@ -219,29 +228,47 @@ fn dissemination(nodes: usize, seed: u64) -> (u64, f64) {
         },
     );
     let version = sim.core(0).unwrap().own_record().version;
+    let incarnation = sim.core(0).unwrap().own_record().incarnation;
     let id = sim.id(0);
     let done = sim
         .run_until_pred(start + 60_000, 10, |s| {
-            (0..s.len())
-                .filter_map(|i| s.core(i))
-                .all(|c| c.member(&id).is_some_and(|m| m.record.version >= version))
+            (0..s.len()).filter_map(|i| s.core(i)).all(|c| {
+                c.member(&id)
+                    .is_some_and(|m| m.record.content_key() >= (incarnation, version))
+            })
         })
         .expect("change did not spread");
     let rounds = (done - start).div_ceil(CoreConfig::default().gossip_interval.as_millis() as u64);
-    (rounds, bytes_per_node_s)
+    Dissemination {
+        join_ms,
+        rounds,
+        bytes_per_node_s,
+    }
 }
 
 #[test]
 fn dissemination_stats() {
-    let (rounds, bytes) = dissemination(50, 5);
-    println!("50 nodes, 10% loss: a change reaches every node in {rounds} gossip rounds; steady state {bytes:.0} B/s of gossip per node");
+    let report = |nodes: usize, loss: f64| {
+        let d = dissemination(nodes, 5, loss);
+        println!(
+            "{nodes} nodes, {:.0}% loss: all know all after {} ms; a change reaches every node in {} gossip rounds; steady state {:.0} B/s of gossip per node",
+            loss * 100.0,
+            d.join_ms,
+            d.rounds,
+            d.bytes_per_node_s
+        );
+        d
+    };
+    let d = report(50, 0.10);
     assert!(
-        rounds <= 25,
-        "a change took {rounds} rounds to reach 50 nodes"
+        d.rounds <= 25,
+        "a change took {} rounds to reach 50 nodes",
+        d.rounds
     );
     if std::env::var("MESH_SIM_STATS").is_ok() {
         let nodes = env_u64("MESH_SIM_NODES", 1000) as usize;
-        let (rounds, bytes) = dissemination(nodes, 5);
-        println!("{nodes} nodes, 10% loss: a change reaches every node in {rounds} gossip rounds; steady state {bytes:.0} B/s of gossip per node");
+        report(50, 0.0);
+        report(nodes, 0.0);
+        report(nodes, 0.10);
     }
 }

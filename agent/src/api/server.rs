@@ -40,21 +40,18 @@ fn error(status: StatusCode, code: &str, msg: impl Into<String>) -> Response {
 
 async fn report(state: &ApiState) -> Result<Report, Response> {
     let (tx, rx) = oneshot::channel();
-    let unavailable = || {
-        error(
+    // One deadline for both steps: a stalled driver must not hang API callers.
+    let exchange = async {
+        state.driver.send(ApiRequest::Report(tx)).await.ok()?;
+        rx.await.ok()
+    };
+    match tokio::time::timeout(DRIVER_TIMEOUT, exchange).await {
+        Ok(Some(r)) => Ok(r),
+        _ => Err(error(
             StatusCode::SERVICE_UNAVAILABLE,
             "driver_unavailable",
             "the mesh driver is not answering",
-        )
-    };
-    state
-        .driver
-        .send(ApiRequest::Report(tx))
-        .await
-        .map_err(|_| unavailable())?;
-    match tokio::time::timeout(DRIVER_TIMEOUT, rx).await {
-        Ok(Ok(r)) => Ok(r),
-        _ => Err(unavailable()),
+        )),
     }
 }
 
@@ -151,8 +148,14 @@ pub async fn bind_socket(path: &Path) -> Result<tokio::net::UnixListener> {
         std::fs::remove_file(path)
             .with_context(|| format!("cannot remove stale socket {}", path.display()))?;
     }
-    let listener = tokio::net::UnixListener::bind(path)
-        .with_context(|| format!("cannot bind local API socket {}", path.display()))?;
+    // SAFETY: umask only changes this process's file-creation mask; it is restored right
+    // after the bind, so the socket never exists with looser permissions than 0600.
+    let old_mask = unsafe { libc::umask(0o077) };
+    let bound = tokio::net::UnixListener::bind(path);
+    // SAFETY: as above, restoring the previous mask.
+    unsafe { libc::umask(old_mask) };
+    let listener =
+        bound.with_context(|| format!("cannot bind local API socket {}", path.display()))?;
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
         .with_context(|| format!("cannot restrict {} to mode 0600", path.display()))?;
     Ok(listener)

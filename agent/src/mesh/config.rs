@@ -8,7 +8,8 @@ pub struct CoreConfig {
     pub probe_interval: Duration,
     /// How long to wait for a direct ack before asking relays (indirect probes).
     pub probe_timeout: Duration,
-    /// Relays asked per indirect probe (SWIM's k).
+    /// Relays asked per indirect probe (SWIM's k). 5 rather than memberlist's 3: under 10%
+    /// message loss it cuts false suspicions (and the refutation churn they cause) about 8x.
     pub indirect_probes: usize,
     /// Suspicion lasts `suspicion_mult * max(1, log10 n) * probe_interval` before dead.
     pub suspicion_mult: u32,
@@ -37,7 +38,7 @@ impl Default for CoreConfig {
         CoreConfig {
             probe_interval: Duration::from_secs(1),
             probe_timeout: Duration::from_millis(500),
-            indirect_probes: 3,
+            indirect_probes: 5,
             suspicion_mult: 4,
             gossip_interval: Duration::from_millis(200),
             retransmit_mult: 4,

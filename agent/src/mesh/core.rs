@@ -84,7 +84,15 @@ pub enum MeshEvent {
     Forgotten {
         peer: PeerId,
     },
+    /// Another node gossips a record with our peer id but another name.
+    IdCollision {
+        name: String,
+        addresses: Vec<std::net::SocketAddr>,
+    },
 }
+
+/// Incarnations at or above this are treated as corrupt input and never refuted.
+pub const MAX_INCARNATION: u64 = u64::MAX / 2;
 
 pub(super) struct Suspicion {
     pub incarnation: u64,
@@ -242,8 +250,9 @@ impl MeshCore {
                 liveness: claim,
             }],
         );
-        if self.connected.insert(peer, outbound).is_none() {
+        if self.connected.insert(peer, outbound) != Some(outbound) {
             self.update_own_connections();
+            // Partners include inbound links only, so the probe set may have changed too.
         }
         // A fresh connection is the moment to reconcile both views in full.
         self.send_digest(peer);
@@ -290,9 +299,42 @@ impl MeshCore {
         }
     }
 
-    /// Starts or cancels suspicion timers and reports state changes. True when the set of
-    /// up peers changed.
+    /// Keeps the suspicion timer in step with the stored claim: armed while the peer is
+    /// suspect (re-armed when the suspicion moves to a newer incarnation), gone otherwise.
+    fn sync_suspicion(&mut self, now: Instant, id: PeerId) {
+        let suspect_at = self
+            .view
+            .get(&id)
+            .filter(|m| m.liveness.state == Liveness::Suspect)
+            .map(|m| m.liveness.incarnation);
+        match suspect_at {
+            None => {
+                self.suspicions.remove(&id);
+            }
+            Some(incarnation) => {
+                if self
+                    .suspicions
+                    .get(&id)
+                    .is_none_or(|s| s.incarnation != incarnation)
+                {
+                    let deadline = now + self.cfg.suspicion_timeout(self.view.len());
+                    self.suspicions.insert(
+                        id,
+                        Suspicion {
+                            incarnation,
+                            deadline,
+                        },
+                    );
+                }
+            }
+        }
+    }
+
+    /// Reports state changes and keeps timers in step. True when the set of up peers changed.
     fn after_state_change(&mut self, now: Instant, id: PeerId, outcome: MergeOutcome) -> bool {
+        if outcome.liveness {
+            self.sync_suspicion(now, id);
+        }
         let Some((from, to)) = outcome.state_change else {
             return false;
         };
@@ -300,16 +342,6 @@ impl MeshCore {
             return false;
         };
         let name = m.record.name.clone();
-        let incarnation = m.liveness.incarnation;
-        if to == Liveness::Suspect {
-            let deadline = now + self.cfg.suspicion_timeout(self.view.len());
-            self.suspicions.entry(id).or_insert(Suspicion {
-                incarnation,
-                deadline,
-            });
-        } else {
-            self.suspicions.remove(&id);
-        }
         self.out.push(Output::Event(MeshEvent::StateChanged {
             peer: id,
             name,
@@ -350,7 +382,21 @@ impl MeshCore {
         if !(accused || outdated) {
             return;
         }
-        let incarnation = u.liveness.incarnation.max(u.record.incarnation) + 1;
+        if u.record.name != own.name {
+            // Another node runs with our id (a cloned state dir). Refuting would start an
+            // endless incarnation race; say what is going on instead.
+            let (name, addresses) = (u.record.name.clone(), u.record.addresses.clone());
+            self.out
+                .push(Output::Event(MeshEvent::IdCollision { name, addresses }));
+            return;
+        }
+        let claimed = u.liveness.incarnation.max(u.record.incarnation);
+        if claimed >= MAX_INCARNATION {
+            // No honest peer gets here (one restart per second for 10^11 years); refuting
+            // would wrap. Ignore the claim rather than die forever.
+            return;
+        }
+        let incarnation = claimed + 1;
         let mut own = own.clone();
         own.incarnation = incarnation;
         own.version = 0;
@@ -424,9 +470,16 @@ impl MeshCore {
     }
 
     /// Peers we probe and gossip with: neighbours and connected peers that are up.
+    /// Outbound links to non-neighbours (on-demand dials) are left out on purpose: probing
+    /// over them would keep them busy, and the driver closes them once they are not needed.
     pub(super) fn partners(&self) -> Vec<PeerId> {
         let mut set: BTreeSet<PeerId> = self.neighbours.clone();
-        set.extend(self.connected.keys().copied());
+        set.extend(
+            self.connected
+                .iter()
+                .filter(|(_, outbound)| !**outbound)
+                .map(|(id, _)| *id),
+        );
         set.into_iter()
             .filter(|id| self.view.get(id).is_some_and(Member::is_up))
             .collect()

@@ -4,6 +4,7 @@
 
 use std::collections::BTreeSet;
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -26,7 +27,7 @@ use crate::transport::connection::{
 
 /// Connection housekeeping period (dials, idle closes, gauges).
 const MAINTENANCE: Duration = Duration::from_millis(500);
-/// An outbound link that is neither a neighbour nor from `--peers` closes after this idle time.
+/// An outbound link that has been neither a neighbour nor a `--peers` target this long closes.
 const IDLE_CLOSE: Duration = Duration::from_secs(30);
 const SEND_QUEUE: usize = 256;
 
@@ -35,7 +36,8 @@ pub enum ApiRequest {
 }
 
 pub struct DriverConfig {
-    pub persistent_peers: Vec<SocketAddr>,
+    /// `--peers` targets as `host:port`, resolved on every dial.
+    pub persistent_peers: Vec<String>,
     pub max_connections: usize,
     pub protocol: (u16, u16),
     pub info: StaticInfo,
@@ -51,8 +53,12 @@ pub struct Driver {
     events_tx: mpsc::Sender<TransportEvent>,
     events_rx: mpsc::Receiver<TransportEvent>,
     links: Links,
+    /// Shared with accepting tasks so they can refuse before the handshake completes.
+    link_count: Arc<AtomicUsize>,
     metrics: Arc<Metrics>,
     started: Instant,
+    /// Set when the agent cannot go on safely (the store refused a write).
+    fatal: Option<String>,
 }
 
 impl Driver {
@@ -65,14 +71,17 @@ impl Driver {
     ) -> Driver {
         let (own_tx, own_rx) = watch::channel(core.own_record().clone());
         let (events_tx, events_rx) = mpsc::channel(4096);
+        let link_count = Arc::new(AtomicUsize::new(0));
         let local = Local {
             record: own_rx,
             protocol: cfg.protocol,
+            links: link_count.clone(),
+            max_links: cfg.max_connections,
         };
         let mut links = Links::default();
         let now = Instant::now();
-        for addr in &cfg.persistent_peers {
-            links.want(*addr, None, DialRole::Persistent, now);
+        for target in &cfg.persistent_peers {
+            links.want(target.clone(), None, DialRole::Persistent, now);
         }
         Driver {
             core,
@@ -84,17 +93,20 @@ impl Driver {
             events_tx,
             events_rx,
             links,
+            link_count,
             metrics,
             started: now,
+            fatal: None,
         }
     }
 
-    /// Runs until `shutdown` fires, then leaves the mesh politely.
+    /// Runs until `shutdown` fires, then leaves the mesh politely. Returns an error when the
+    /// agent had to stop because it could not keep a promise (a failed store write).
     pub async fn run(
         mut self,
         mut api: mpsc::Receiver<ApiRequest>,
         mut shutdown: watch::Receiver<bool>,
-    ) {
+    ) -> Result<(), String> {
         let endpoint = self.endpoint.clone();
         let mut maintenance = tokio::time::interval(MAINTENANCE);
         maintenance.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -113,15 +125,24 @@ impl Driver {
                 _ = maintenance.tick() => self.maintain(),
                 _ = shutdown.changed() => break,
             }
+            if self.fatal.is_some() {
+                break;
+            }
         }
         self.leave().await;
+        match self.fatal.take() {
+            Some(e) => Err(e),
+            None => Ok(()),
+        }
     }
 
     async fn leave(&mut self) {
-        info!("leaving the mesh");
-        self.feed(Input::Leave);
-        // Let the departure notices reach the wire before the connections close.
-        tokio::time::sleep(Duration::from_millis(300)).await;
+        if self.fatal.is_none() {
+            info!("leaving the mesh");
+            self.feed(Input::Leave);
+            // Let the departure notices reach the wire before the connections close.
+            tokio::time::sleep(Duration::from_millis(300)).await;
+        }
         for link in self.links.links.values() {
             link.conn
                 .close(CLOSE_SHUTDOWN.into(), b"agent shutting down");
@@ -135,18 +156,23 @@ impl Driver {
         let before = self.core.own_record().content_key();
         let outputs = self.core.handle(now, input);
         for out in outputs {
+            if self.fatal.is_some() {
+                // Nothing after a failed durable write may leave this node.
+                break;
+            }
             match out {
                 Output::Send { to, msg } => self.send(to, msg, now),
                 Output::SetNeighbours(set) => self.set_neighbours(&set, now),
                 Output::PersistIncarnation(inc) => {
                     if let Err(e) = self.store.raise_incarnation(inc) {
-                        warn!(error = %e, "cannot store the new incarnation; a restart may reuse it");
+                        tracing::error!(error = %e, "cannot store the new incarnation; stopping rather than announcing it");
+                        self.fatal = Some(format!("cannot store incarnation {inc}: {e}"));
                     }
                 }
                 Output::Event(e) => self.on_event(e),
             }
         }
-        if self.core.own_record().content_key() != before {
+        if self.fatal.is_none() && self.core.own_record().content_key() != before {
             self.own_tx.send_replace(self.core.own_record().clone());
         }
     }
@@ -162,10 +188,10 @@ impl Driver {
         };
         let bytes = frame.len() as u64;
         let sent = if let Some(link) = self.links.links.get_mut(&to) {
-            link.last_used = now;
             link.tx.try_send(frame).is_ok()
         } else if let Some(addr) = self.address_of(&to) {
-            self.links.want(addr, Some(to), DialRole::OnDemand, now);
+            self.links
+                .want(addr.to_string(), Some(to), DialRole::OnDemand, now);
             self.dial_due(now);
             self.links.hold(to, frame)
         } else {
@@ -198,7 +224,8 @@ impl Driver {
         debug!(neighbours = set.len(), "neighbour set changed");
         for peer in set {
             if let Some(addr) = self.address_of(peer) {
-                self.links.want(addr, Some(*peer), DialRole::Neighbour, now);
+                self.links
+                    .want(addr.to_string(), Some(*peer), DialRole::Neighbour, now);
             }
         }
         // Neighbour dials that are no longer wanted drop back to on-demand.
@@ -254,6 +281,17 @@ impl Driver {
                 debug!(peer = %peer, "direct probe late; probing through relays");
             }
             MeshEvent::Forgotten { peer } => debug!(peer = %peer, "forgot a long-dead peer"),
+            MeshEvent::IdCollision { name, addresses } => {
+                self.metrics
+                    .detector_events
+                    .get_or_create(&label("id_collision"))
+                    .inc();
+                tracing::error!(
+                    other_name = %name,
+                    other_addresses = ?addresses,
+                    "another node gossips our peer id: was this node's state dir copied? give one of them a fresh --state-dir"
+                );
+            }
         }
     }
 
@@ -261,22 +299,22 @@ impl Driver {
         let now = Instant::now();
         match ev {
             TransportEvent::Established(est) => self.on_established(*est, now),
-            TransportEvent::DialFailed { addr, reason } => {
+            TransportEvent::DialFailed { target, reason } => {
                 let first = self
                     .links
                     .dials
-                    .get(&addr)
+                    .get(&target)
                     .is_some_and(|d| d.last_error.as_deref() != Some(reason.as_str()));
-                let role = self.links.dials.get(&addr).map(|d| d.role);
-                self.links.dial_failed(addr, reason.clone(), now);
+                let role = self.links.dials.get(&target).map(|d| d.role);
+                self.links.dial_failed(&target, reason.clone(), now);
                 self.metrics
                     .connection_failures
                     .get_or_create(&DirectionLabel { direction: "out" })
                     .inc();
                 if first && role != Some(DialRole::OnDemand) {
-                    warn!(address = %addr, reason = %reason, "cannot connect");
+                    warn!(target = %target, reason = %reason, "cannot connect");
                 } else {
-                    debug!(address = %addr, reason = %reason, "cannot connect");
+                    debug!(target = %target, reason = %reason, "cannot connect");
                 }
             }
             TransportEvent::InboundFailed { addr, reason } => {
@@ -302,10 +340,9 @@ impl Driver {
                 frame,
                 bytes,
             } => {
-                let Some(link) = self.links.links.get_mut(&peer).filter(|l| l.id == conn_id) else {
+                if self.links.links.get(&peer).is_none_or(|l| l.id != conn_id) {
                     return;
-                };
-                link.last_used = now;
+                }
                 match frame {
                     Frame::Gossip(msg) => {
                         let kind = msg.kind();
@@ -330,10 +367,14 @@ impl Driver {
                 reason,
             } => {
                 if self.links.links.get(&peer).is_some_and(|l| l.id == conn_id) {
+                    let mut lived = Duration::ZERO;
                     if let Some(link) = self.links.links.remove(&peer) {
                         info!(peer = %peer, name = %link.name, address = %link.addr, reason = %reason, "connection lost");
+                        lived = now.duration_since(link.since);
                     }
-                    self.links.link_lost(peer, &reason, now);
+                    self.link_count
+                        .store(self.links.links.len(), Ordering::Relaxed);
+                    self.links.link_lost(peer, &reason, lived, now);
                     self.feed(Input::PeerDisconnected { peer });
                 }
             }
@@ -348,8 +389,8 @@ impl Driver {
         } else {
             peer
         };
-        if est.direction == Direction::Out {
-            self.links.dial_succeeded(est.addr, peer, now);
+        if let Some(target) = &est.target {
+            self.links.dial_succeeded(target, peer, now);
         } else {
             self.links.inbound_failures.remove(&est.addr);
         }
@@ -359,7 +400,12 @@ impl Driver {
             } else {
                 peer
             };
-            let keep_new = dialer == preferred_dialer(me, peer) && existing_dialer != dialer;
+            // A restarted peer's new link replaces the dead one of its earlier life; between
+            // links of the same life, the one dialed by the lower id wins on both ends.
+            let keep_new = est.peer.incarnation > existing.incarnation
+                || (est.peer.incarnation == existing.incarnation
+                    && dialer == preferred_dialer(me, peer)
+                    && existing_dialer != dialer);
             if !keep_new {
                 debug!(peer = %peer, "closing a duplicate connection");
                 est.conn
@@ -386,15 +432,18 @@ impl Driver {
         let link = Link {
             id,
             name: record.name.clone(),
+            incarnation: record.incarnation,
             addr: est.addr,
             direction: est.direction,
             conn: est.conn.clone(),
             tx: tx.clone(),
             since: now,
-            last_used: now,
+            unneeded_since: None,
         };
         connection::run(id, est, self.events_tx.clone(), rx);
         self.links.links.insert(peer, link);
+        self.link_count
+            .store(self.links.links.len(), Ordering::Relaxed);
         for frame in self.links.pending.remove(&peer).unwrap_or_default() {
             let _ = tx.try_send(frame);
         }
@@ -404,18 +453,18 @@ impl Driver {
     /// Starts every dial whose time has come.
     fn dial_due(&mut self, now: Instant) {
         let mut start = Vec::new();
-        for (addr, d) in self.links.dials.iter_mut() {
+        for (target, d) in self.links.dials.iter_mut() {
             let connected = d.peer.is_some_and(|p| self.links.links.contains_key(&p));
             if connected || d.in_flight || now < d.next_try {
                 continue;
             }
             d.in_flight = true;
-            start.push(*addr);
+            start.push(target.clone());
         }
-        for addr in start {
+        for target in start {
             tokio::spawn(connection::dial(
                 self.endpoint.clone(),
-                addr,
+                target,
                 self.local.clone(),
                 self.events_tx.clone(),
             ));
@@ -444,18 +493,19 @@ impl Driver {
             .filter(|d| d.role == DialRole::Persistent)
             .filter_map(|d| d.peer)
             .collect();
-        let idle: Vec<PeerId> = self
-            .links
-            .links
-            .iter()
-            .filter(|(p, l)| {
-                l.direction == Direction::Out
-                    && !neighbours.contains(p)
-                    && !persistent.contains(p)
-                    && now.duration_since(l.last_used) > IDLE_CLOSE
-            })
-            .map(|(p, _)| *p)
-            .collect();
+        let mut idle = Vec::new();
+        for (p, l) in self.links.links.iter_mut() {
+            let needed =
+                l.direction == Direction::In || neighbours.contains(p) || persistent.contains(p);
+            if needed {
+                l.unneeded_since = None;
+                continue;
+            }
+            let since = *l.unneeded_since.get_or_insert(now);
+            if now.duration_since(since) > IDLE_CLOSE {
+                idle.push(*p);
+            }
+        }
         for peer in idle {
             if let Some(link) = self.links.links.remove(&peer) {
                 debug!(peer = %peer, "closing an idle link to a non-neighbour");
@@ -463,6 +513,8 @@ impl Driver {
                 self.feed(Input::PeerDisconnected { peer });
             }
         }
+        self.link_count
+            .store(self.links.links.len(), Ordering::Relaxed);
         self.links.expire(now);
         self.update_gauges(now);
     }

@@ -26,12 +26,15 @@ const MAX_PENDING: usize = 32;
 pub struct Link {
     pub id: u64,
     pub name: String,
+    /// The peer's incarnation when the link was made: a restarted peer's new link wins.
+    pub incarnation: u64,
     pub addr: SocketAddr,
     pub direction: Direction,
     pub conn: quinn::Connection,
     pub tx: mpsc::Sender<Vec<u8>>,
     pub since: Instant,
-    pub last_used: Instant,
+    /// Since when an outbound link has been neither a neighbour nor a `--peers` target.
+    pub unneeded_since: Option<Instant>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
@@ -54,10 +57,16 @@ pub struct Dial {
     pub since: Instant,
 }
 
+/// A link that dies sooner than this after being made counts as a failed attempt, so a
+/// peer that accepts and then drops us is retried with growing backoff, not every second.
+const SHORT_LIVED: Duration = Duration::from_secs(10);
+
 #[derive(Default)]
 pub struct Links {
     pub links: BTreeMap<PeerId, Link>,
-    pub dials: BTreeMap<SocketAddr, Dial>,
+    /// Dial targets by their text: `host:port` from `--peers` (resolved on every attempt)
+    /// or a peer's advertised `ip:port`.
+    pub dials: BTreeMap<String, Dial>,
     pub pending: BTreeMap<PeerId, Vec<Vec<u8>>>,
     pub inbound_failures: BTreeMap<SocketAddr, (String, Instant)>,
     next_id: u64,
@@ -82,9 +91,9 @@ impl Links {
         self.next_id
     }
 
-    /// Makes sure `addr` is dialed with at least `role`.
-    pub fn want(&mut self, addr: SocketAddr, peer: Option<PeerId>, role: DialRole, now: Instant) {
-        let d = self.dials.entry(addr).or_insert(Dial {
+    /// Makes sure `target` is dialed with at least `role`.
+    pub fn want(&mut self, target: String, peer: Option<PeerId>, role: DialRole, now: Instant) {
+        let d = self.dials.entry(target).or_insert(Dial {
             role,
             peer,
             in_flight: false,
@@ -113,13 +122,8 @@ impl Links {
         true
     }
 
-    pub fn dial_failed(
-        &mut self,
-        addr: SocketAddr,
-        reason: String,
-        now: Instant,
-    ) -> Option<PeerId> {
-        let d = self.dials.get_mut(&addr)?;
+    pub fn dial_failed(&mut self, target: &str, reason: String, now: Instant) -> Option<PeerId> {
+        let d = self.dials.get_mut(target)?;
         d.in_flight = false;
         d.attempts = d.attempts.saturating_add(1);
         d.next_try = now + backoff(d.attempts);
@@ -134,8 +138,8 @@ impl Links {
         peer
     }
 
-    pub fn dial_succeeded(&mut self, addr: SocketAddr, peer: PeerId, now: Instant) {
-        if let Some(d) = self.dials.get_mut(&addr) {
+    pub fn dial_succeeded(&mut self, target: &str, peer: PeerId, now: Instant) {
+        if let Some(d) = self.dials.get_mut(target) {
             d.in_flight = false;
             d.attempts = 0;
             d.peer = Some(peer);
@@ -144,11 +148,16 @@ impl Links {
         }
     }
 
-    /// A link went down: its dial target (if any) retries after a short pause.
-    pub fn link_lost(&mut self, peer: PeerId, reason: &str, now: Instant) {
+    /// A link went down: its dial target (if any) retries after a pause that grows when
+    /// links keep dying young.
+    pub fn link_lost(&mut self, peer: PeerId, reason: &str, lived: Duration, now: Instant) {
         for d in self.dials.values_mut().filter(|d| d.peer == Some(peer)) {
-            d.attempts = 1;
-            d.next_try = now + backoff(0);
+            d.attempts = if lived < SHORT_LIVED {
+                d.attempts.saturating_add(1).max(1)
+            } else {
+                1
+            };
+            d.next_try = now + backoff(d.attempts - 1);
             d.last_error = Some(reason.to_string());
             d.since = now;
         }
@@ -194,18 +203,18 @@ impl Links {
                 since_seconds: now.duration_since(l.since).as_secs(),
             });
         }
-        for (addr, d) in &self.dials {
+        for (target, d) in &self.dials {
             if d.role == DialRole::OnDemand || d.peer.is_some_and(|p| self.links.contains_key(&p)) {
                 continue;
             }
-            let (state, reason) = match (&d.last_error, d.in_flight) {
-                (None, _) => ("pending".to_string(), String::new()),
-                (Some(e), _) => (format!("retrying: {e}"), e.clone()),
+            let (state, reason) = match &d.last_error {
+                None => ("pending".to_string(), String::new()),
+                Some(e) => (format!("retrying: {e}"), e.clone()),
             };
             rows.push(ConnectionView {
                 peer: d.peer.and_then(|p| names(&p)).unwrap_or_default(),
                 peer_id: d.peer.map(|p| p.to_string()).unwrap_or_default(),
-                address: addr.to_string(),
+                address: target.clone(),
                 direction: "out".into(),
                 state,
                 reason,
@@ -257,12 +266,16 @@ mod tests {
     fn failed_dial_shows_as_retrying_with_reason() {
         let mut l = Links::default();
         let now = Instant::now();
-        let addr: SocketAddr = "127.0.0.1:1".parse().unwrap();
-        l.want(addr, None, DialRole::Persistent, now);
-        l.dial_failed(addr, "authentication failed: bad certificate".into(), now);
+        let target = "127.0.0.1:1".to_string();
+        l.want(target.clone(), None, DialRole::Persistent, now);
+        l.dial_failed(
+            &target,
+            "authentication failed: bad certificate".into(),
+            now,
+        );
         let rows = l.views(|_| None, "none", now);
         assert_eq!(rows.len(), 1);
         assert!(rows[0].state.starts_with("retrying: authentication failed"));
-        assert!(l.dials[&addr].next_try > now);
+        assert!(l.dials[&target].next_try > now);
     }
 }

@@ -18,3 +18,6 @@ pub use self::membership::Member;
 pub mod driver;
 pub mod links;
 pub mod status;
+
+#[cfg(test)]
+mod core_tests;

@@ -37,7 +37,7 @@ impl Store {
     pub fn start_identity(
         &self,
         node_name: &str,
-        new_key: impl FnOnce() -> Vec<u8>,
+        fresh_key: Vec<u8>,
     ) -> Result<Identity, StoreError> {
         let tx = self.db.begin_write()?;
         let identity = {
@@ -47,12 +47,12 @@ impl Store {
                 None => PeerId(rand::random::<u64>()),
             };
             let incarnation = match t.get(KEY_INCARNATION)? {
-                Some(v) => u64_from(v.value(), "incarnation")? + 1,
+                Some(v) => u64_from(v.value(), "incarnation")?.saturating_add(1),
                 None => 1,
             };
             let node_key = match t.get(KEY_NODE_KEY)? {
                 Some(v) => v.value().to_vec(),
-                None => new_key(),
+                None => fresh_key,
             };
             let renamed_from = t
                 .get(KEY_NODE_NAME)?
@@ -114,13 +114,11 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let first = {
             let s = Store::open(dir.path()).unwrap();
-            s.start_identity("a", || vec![1, 2, 3]).unwrap()
+            s.start_identity("a", vec![1, 2, 3]).unwrap()
         };
         assert_eq!(first.incarnation, 1);
         let s = Store::open(dir.path()).unwrap();
-        let second = s
-            .start_identity("b", || panic!("key must be reused"))
-            .unwrap();
+        let second = s.start_identity("b", vec![9]).unwrap();
         assert_eq!(second.peer_id, first.peer_id);
         assert_eq!(second.incarnation, 2);
         assert_eq!(second.node_key, vec![1, 2, 3]);

@@ -5,6 +5,8 @@
 //! [`TransportEvent`]s and the driver decides.
 
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 use mesh_proto::wire::{self, Frame, Hello, HelloReply, RefuseReason, MAGIC};
@@ -16,6 +18,8 @@ use super::framing::{read_frame, write_message, FrameError};
 use super::tls::{describe_connection_error, SERVER_NAME};
 
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
+/// A `Hello` is one peer record; anything larger is not a mesh peer.
+const MAX_HELLO: usize = 64 * 1024;
 /// QUIC application close codes.
 pub const CLOSE_REFUSED: u32 = 1;
 pub const CLOSE_PROTOCOL: u32 = 2;
@@ -38,11 +42,14 @@ impl Direction {
     }
 }
 
-/// What the local side offers in a handshake.
+/// What the local side offers in a handshake, and what it can take.
 #[derive(Clone)]
 pub struct Local {
     pub record: watch::Receiver<PeerRecord>,
     pub protocol: (u16, u16),
+    /// Established links right now (kept by the driver) and the most we accept.
+    pub links: Arc<AtomicUsize>,
+    pub max_links: usize,
 }
 
 /// A connection that passed TLS and the version handshake.
@@ -54,12 +61,14 @@ pub struct Established {
     pub version: u16,
     pub direction: Direction,
     pub addr: SocketAddr,
+    /// The dial target this came from (outbound only).
+    pub target: Option<String>,
 }
 
 pub enum TransportEvent {
     Established(Box<Established>),
     DialFailed {
-        addr: SocketAddr,
+        target: String,
         reason: String,
     },
     InboundFailed {
@@ -79,25 +88,33 @@ pub enum TransportEvent {
     },
 }
 
-/// Dials `addr` and runs the dialer's half of the handshake.
+/// Resolves `target` (`host:port`; names are looked up on every attempt), dials it and
+/// runs the dialer's half of the handshake.
 pub async fn dial(
     endpoint: quinn::Endpoint,
-    addr: SocketAddr,
+    target: String,
     local: Local,
     events: mpsc::Sender<TransportEvent>,
 ) {
-    let event = match dial_inner(&endpoint, addr, &local).await {
+    let event = match dial_inner(&endpoint, &target, &local).await {
         Ok(est) => TransportEvent::Established(Box::new(est)),
-        Err(reason) => TransportEvent::DialFailed { addr, reason },
+        Err(reason) => TransportEvent::DialFailed { target, reason },
     };
     let _ = events.send(event).await;
 }
 
 async fn dial_inner(
     endpoint: &quinn::Endpoint,
-    addr: SocketAddr,
+    target: &str,
     local: &Local,
 ) -> Result<Established, String> {
+    let addr = match timeout(HANDSHAKE_TIMEOUT, tokio::net::lookup_host(target)).await {
+        Err(_) => return Err(format!("cannot resolve {target}: lookup timed out")),
+        Ok(Err(e)) => return Err(format!("cannot resolve {target}: {e}")),
+        Ok(Ok(mut addrs)) => addrs
+            .next()
+            .ok_or_else(|| format!("{target} resolves to no address"))?,
+    };
     let connecting = endpoint
         .connect(addr, SERVER_NAME)
         .map_err(|e| format!("cannot dial: {e}"))?;
@@ -126,6 +143,7 @@ async fn dial_inner(
         version,
         direction: Direction::Out,
         addr,
+        target: Some(target.to_string()),
     })
 }
 
@@ -149,7 +167,7 @@ async fn dialer_handshake(
         .await
         .map_err(|e| explain(conn, e))?;
     let mut buf = Vec::new();
-    read_frame(&mut recv, &mut buf)
+    read_frame(&mut recv, &mut buf, MAX_HELLO)
         .await
         .map_err(|e| explain(conn, e))?;
     match wire::decode_body::<HelloReply>(&buf) {
@@ -201,6 +219,7 @@ async fn accept_inner(
             version,
             direction: Direction::In,
             addr,
+            target: None,
         }),
     }
 }
@@ -214,7 +233,7 @@ async fn acceptor_handshake(
         .await
         .map_err(|e| describe_connection_error(&e))?;
     let mut buf = Vec::new();
-    read_frame(&mut recv, &mut buf)
+    read_frame(&mut recv, &mut buf, MAX_HELLO)
         .await
         .map_err(|e| explain(conn, e))?;
     let (head, full) = match wire::decode_hello(&buf) {
@@ -250,6 +269,12 @@ async fn acceptor_handshake(
     let record = local.record.borrow().clone();
     if hello.record.id == record.id {
         return refuse(conn, &mut send, RefuseReason::SameId).await;
+    }
+    // Refused here, before `Welcome`, so the dialer sees a refusal (and backs off) rather
+    // than a link that dies right after it was made.
+    if local.links.load(Ordering::Relaxed) >= local.max_links {
+        let limit = u32::try_from(local.max_links).unwrap_or(u32::MAX);
+        return refuse(conn, &mut send, RefuseReason::TooManyConnections { limit }).await;
     }
     write_message(&mut send, &HelloReply::Welcome { version, record })
         .await
@@ -310,7 +335,7 @@ pub fn run(
     tokio::spawn(async move {
         let mut buf = Vec::with_capacity(4096);
         let reason = loop {
-            match read_frame(&mut recv, &mut buf).await {
+            match read_frame(&mut recv, &mut buf, wire::MAX_FRAME).await {
                 Ok(()) => match wire::decode_body::<Frame>(&buf) {
                     Ok(frame) => {
                         let bytes = buf.len() + 4;

@@ -15,8 +15,12 @@ pub enum FrameError {
     Wire(#[from] WireError),
 }
 
-/// Reads one frame body into `buf` (reused between calls).
-pub async fn read_frame(recv: &mut quinn::RecvStream, buf: &mut Vec<u8>) -> Result<(), FrameError> {
+/// Reads one frame body of at most `max` bytes into `buf` (reused between calls).
+pub async fn read_frame(
+    recv: &mut quinn::RecvStream,
+    buf: &mut Vec<u8>,
+    max: usize,
+) -> Result<(), FrameError> {
     let mut header = [0u8; 4];
     match recv.read_exact(&mut header).await {
         Ok(()) => {}
@@ -24,6 +28,9 @@ pub async fn read_frame(recv: &mut quinn::RecvStream, buf: &mut Vec<u8>) -> Resu
         Err(e) => return Err(e.into()),
     }
     let len = wire::frame_len(header)?;
+    if len > max {
+        return Err(FrameError::Wire(WireError::TooLarge(len)));
+    }
     buf.clear();
     buf.resize(len, 0);
     recv.read_exact(buf).await?;

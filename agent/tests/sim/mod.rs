@@ -595,6 +595,16 @@ impl Sim {
         true
     }
 
+    /// Every running node knows every running node as up (alive or suspect). Weaker than
+    /// `converged`: under loss, false suspicions and their refutations keep big clusters
+    /// from ever being perfectly quiet.
+    pub fn all_know_all(&self) -> bool {
+        let running = (0..self.len()).filter(|i| self.is_up(*i)).count();
+        (0..self.len())
+            .filter_map(|i| self.core(i))
+            .all(|c| c.members().filter(|m| m.is_up()).count() == running)
+    }
+
     /// True when every running node other than `node` holds it as dead (or never knew it).
     pub fn all_see_down(&self, node: usize) -> bool {
         let id = self.ids[node];

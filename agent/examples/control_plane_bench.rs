@@ -1,0 +1,202 @@
+//! Control-plane benchmark: N real `mesh-agent` processes on loopback (`--dataplane none`).
+//!
+//! Measures time for all N to see each other alive, RSS per agent, steady-state gossip
+//! bytes per node per second (from each agent's /metrics), and time for every survivor to
+//! mark a `kill -9`'d agent dead. Prints a Markdown table for docs/benchmarks.md.
+//!
+//! Run: `scripts/bench-control-plane.sh [AGENTS]` (builds release binaries first).
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use mesh_agent::api::client;
+use mesh_proto::api::PeersResponse;
+
+struct Proc {
+    child: Child,
+    socket: PathBuf,
+    metrics: String,
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn free_port(udp: bool) -> u16 {
+    if udp {
+        std::net::UdpSocket::bind("127.0.0.1:0")
+            .and_then(|s| s.local_addr())
+            .map(|a| a.port())
+            .unwrap_or(0)
+    } else {
+        std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|s| s.local_addr())
+            .map(|a| a.port())
+            .unwrap_or(0)
+    }
+}
+
+fn rss_kib(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmRSS:"))
+                .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
+        })
+        .unwrap_or(0)
+}
+
+async fn alive_count(socket: &Path) -> usize {
+    match client::get_json::<PeersResponse>(socket, "/v1/status/peers").await {
+        Ok(p) => p.peers.iter().filter(|p| p.state == "alive").count(),
+        Err(_) => 0,
+    }
+}
+
+async fn sees_dead(socket: &Path, name: &str) -> bool {
+    match client::get_json::<PeersResponse>(socket, "/v1/status/peers").await {
+        Ok(p) => p.peers.iter().any(|p| p.name == name && p.state == "dead"),
+        Err(_) => false,
+    }
+}
+
+/// Sum of mesh_gossip_bytes_total over both directions, via a raw HTTP/1.0 GET.
+fn gossip_bytes(metrics: &str) -> u64 {
+    use std::io::{Read, Write};
+    let Ok(mut s) = std::net::TcpStream::connect(metrics) else {
+        return 0;
+    };
+    let _ = s.write_all(b"GET /metrics HTTP/1.0\r\nHost: x\r\n\r\n");
+    let mut body = String::new();
+    let _ = s.read_to_string(&mut body);
+    body.lines()
+        .filter(|l| l.starts_with("mesh_gossip_bytes_total{direction=\"out\"}"))
+        .filter_map(|l| l.split_whitespace().last()?.parse::<u64>().ok())
+        .sum()
+}
+
+#[tokio::main(flavor = "current_thread")]
+async fn main() -> anyhow::Result<()> {
+    let args: Vec<String> = std::env::args().collect();
+    let agent_bin = args
+        .get(1)
+        .cloned()
+        .unwrap_or_else(|| "target/release/mesh-agent".into());
+    let n: usize = args.get(2).and_then(|s| s.parse().ok()).unwrap_or(50);
+    let dir = tempfile::tempdir()?;
+    let secret = dir.path().join("secret");
+    std::fs::write(&secret, "benchmark secret 0123456789abcdef")?;
+    let ports: Vec<u16> = (0..n).map(|_| free_port(true)).collect();
+    let seeds: Vec<String> = ports
+        .iter()
+        .take(3)
+        .map(|p| format!("127.0.0.1:{p}"))
+        .collect();
+    let mut procs = Vec::new();
+    let start = Instant::now();
+    for (i, port) in ports.iter().enumerate() {
+        let socket = dir.path().join(format!("a{i}.sock"));
+        let metrics = format!("127.0.0.1:{}", free_port(false));
+        let child = Command::new(&agent_bin)
+            .args([
+                "--node-name",
+                &format!("bench-{i}"),
+                "--listen",
+                &format!("127.0.0.1:{port}"),
+            ])
+            .args(["--peers", &seeds.join(","), "--secret-file"])
+            .arg(&secret)
+            .arg("--state-dir")
+            .arg(dir.path().join(format!("s{i}")))
+            .arg("--socket")
+            .arg(&socket)
+            .args([
+                "--metrics-addr",
+                &metrics,
+                "--dataplane",
+                "none",
+                "--log",
+                "warn",
+            ])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()?;
+        procs.push(Proc {
+            child,
+            socket,
+            metrics,
+        });
+    }
+    let spawned = start.elapsed();
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let mut converged = None;
+    while Instant::now() < deadline {
+        let mut all = true;
+        for p in &procs {
+            if alive_count(&p.socket).await < n {
+                all = false;
+                break;
+            }
+        }
+        if all {
+            converged = Some(start.elapsed());
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let Some(converged) = converged else {
+        anyhow::bail!("{n} agents did not converge within 120 s")
+    };
+
+    // Steady state: let connection churn settle, then measure 30 s of gossip.
+    tokio::time::sleep(Duration::from_secs(10)).await;
+    let b0: u64 = procs.iter().map(|p| gossip_bytes(&p.metrics)).sum();
+    let t0 = Instant::now();
+    tokio::time::sleep(Duration::from_secs(30)).await;
+    let b1: u64 = procs.iter().map(|p| gossip_bytes(&p.metrics)).sum();
+    let bytes_per_node_s = (b1.saturating_sub(b0)) as f64 / n as f64 / t0.elapsed().as_secs_f64();
+    let rss: Vec<u64> = procs.iter().map(|p| rss_kib(p.child.id())).collect();
+    let rss_mean = rss.iter().sum::<u64>() as f64 / rss.len() as f64 / 1024.0;
+    let rss_max = *rss.iter().max().unwrap_or(&0) as f64 / 1024.0;
+
+    let victim = n / 2;
+    let mut gone = procs.remove(victim);
+    let _ = gone.child.kill();
+    let killed = Instant::now();
+    let mut detected = None;
+    while killed.elapsed() < Duration::from_secs(60) {
+        let mut all = true;
+        for p in &procs {
+            if !sees_dead(&p.socket, &format!("bench-{victim}")).await {
+                all = false;
+                break;
+            }
+        }
+        if all {
+            detected = Some(killed.elapsed());
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+
+    println!("| agents | spawn all | all see all alive | RSS mean / max | gossip out per node | kill -9 seen dead by all |");
+    println!("|---|---|---|---|---|---|");
+    println!(
+        "| {n} | {:.2} s | {:.2} s | {:.1} / {:.1} MiB | {:.0} B/s | {} |",
+        spawned.as_secs_f64(),
+        converged.as_secs_f64(),
+        rss_mean,
+        rss_max,
+        bytes_per_node_s,
+        detected.map_or("not within 60 s".to_string(), |d| format!(
+            "{:.1} s",
+            d.as_secs_f64()
+        ))
+    );
+    Ok(())
+}
