@@ -26,18 +26,27 @@ impl Drop for Proc {
     }
 }
 
-fn free_port(udp: bool) -> u16 {
-    if udp {
-        std::net::UdpSocket::bind("127.0.0.1:0")
-            .and_then(|s| s.local_addr())
-            .map(|a| a.port())
-            .unwrap_or(0)
-    } else {
-        std::net::TcpListener::bind("127.0.0.1:0")
-            .and_then(|s| s.local_addr())
-            .map(|a| a.port())
-            .unwrap_or(0)
+/// `n` distinct free ports: every probe socket stays bound until all are chosen, so the
+/// kernel cannot hand the same port out twice.
+fn free_ports(n: usize, udp: bool) -> anyhow::Result<Vec<u16>> {
+    let mut udp_socks = Vec::new();
+    let mut tcp_socks = Vec::new();
+    let mut ports = Vec::new();
+    for _ in 0..n {
+        let port = if udp {
+            let s = std::net::UdpSocket::bind("127.0.0.1:0")?;
+            let p = s.local_addr()?.port();
+            udp_socks.push(s);
+            p
+        } else {
+            let s = std::net::TcpListener::bind("127.0.0.1:0")?;
+            let p = s.local_addr()?.port();
+            tcp_socks.push(s);
+            p
+        };
+        ports.push(port);
     }
+    Ok(ports)
 }
 
 fn rss_kib(pid: u32) -> u64 {
@@ -91,7 +100,8 @@ async fn main() -> anyhow::Result<()> {
     let dir = tempfile::tempdir()?;
     let secret = dir.path().join("secret");
     std::fs::write(&secret, "benchmark secret 0123456789abcdef")?;
-    let ports: Vec<u16> = (0..n).map(|_| free_port(true)).collect();
+    let ports = free_ports(n, true)?;
+    let metrics_ports = free_ports(n, false)?;
     let seeds: Vec<String> = ports
         .iter()
         .take(3)
@@ -101,7 +111,7 @@ async fn main() -> anyhow::Result<()> {
     let start = Instant::now();
     for (i, port) in ports.iter().enumerate() {
         let socket = dir.path().join(format!("a{i}.sock"));
-        let metrics = format!("127.0.0.1:{}", free_port(false));
+        let metrics = format!("127.0.0.1:{}", metrics_ports[i]);
         let child = Command::new(&agent_bin)
             .args([
                 "--node-name",
@@ -150,11 +160,23 @@ async fn main() -> anyhow::Result<()> {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     let Some(converged) = converged else {
-        anyhow::bail!("{n} agents did not converge within 120 s")
+        let exited: Vec<usize> = procs
+            .iter_mut()
+            .enumerate()
+            .filter(|(_, p)| matches!(p.child.try_wait(), Ok(Some(_))))
+            .map(|(i, _)| i)
+            .collect();
+        anyhow::bail!("{n} agents did not converge within 120 s (agents that exited: {exited:?})")
     };
 
-    // Steady state: let connection churn settle, then measure 30 s of gossip.
-    tokio::time::sleep(Duration::from_secs(10)).await;
+    // Steady state: joining reshapes the neighbour graph, and links to former neighbours
+    // close 30 s after they stop being needed; measure 30 s of gossip after that settles.
+    let churn_b0: u64 = procs.iter().map(|p| gossip_bytes(&p.metrics)).sum();
+    let churn_t0 = Instant::now();
+    tokio::time::sleep(Duration::from_secs(45)).await;
+    let churn_b1: u64 = procs.iter().map(|p| gossip_bytes(&p.metrics)).sum();
+    let settling_per_node_s =
+        (churn_b1.saturating_sub(churn_b0)) as f64 / n as f64 / churn_t0.elapsed().as_secs_f64();
     let b0: u64 = procs.iter().map(|p| gossip_bytes(&p.metrics)).sum();
     let t0 = Instant::now();
     tokio::time::sleep(Duration::from_secs(30)).await;
@@ -184,14 +206,15 @@ async fn main() -> anyhow::Result<()> {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 
-    println!("| agents | spawn all | all see all alive | RSS mean / max | gossip out per node | kill -9 seen dead by all |");
+    println!("| agents | spawn all | all see all alive | RSS mean / max | gossip out per node: settling (45 s) / steady (30 s) | kill -9 seen dead by all |");
     println!("|---|---|---|---|---|---|");
     println!(
-        "| {n} | {:.2} s | {:.2} s | {:.1} / {:.1} MiB | {:.0} B/s | {} |",
+        "| {n} | {:.2} s | {:.2} s | {:.1} / {:.1} MiB | {:.0} / {:.0} B/s | {} |",
         spawned.as_secs_f64(),
         converged.as_secs_f64(),
         rss_mean,
         rss_max,
+        settling_per_node_s,
         bytes_per_node_s,
         detected.map_or("not within 60 s".to_string(), |d| format!(
             "{:.1} s",

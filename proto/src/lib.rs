@@ -9,6 +9,7 @@
 
 pub mod api;
 pub mod gossip;
+pub mod ipam;
 pub mod peer;
 pub mod wire;
 

@@ -3,9 +3,11 @@
 
 #![allow(dead_code)]
 
+use std::collections::BTreeSet;
 use std::net::{SocketAddr, TcpListener, UdpSocket};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
+use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
@@ -13,19 +15,41 @@ use serde_json::Value;
 pub const AGENT: &str = env!("CARGO_BIN_EXE_mesh-agent");
 pub const MESHCTL: &str = env!("CARGO_BIN_EXE_meshctl");
 
+/// Ports handed out by this test process: the kernel may offer a just-released port again,
+/// so without this two agents of one test could be given the same port.
+static HANDED_OUT: Mutex<BTreeSet<u16>> = Mutex::new(BTreeSet::new());
+
+fn unique_port(probe: impl Fn() -> Option<u16>) -> u16 {
+    for _ in 0..1000 {
+        let Some(port) = probe() else { continue };
+        if HANDED_OUT
+            .lock()
+            .map(|mut s| s.insert(port))
+            .unwrap_or(false)
+        {
+            return port;
+        }
+    }
+    panic!("no free port on 127.0.0.1");
+}
+
 /// A UDP port on 127.0.0.1 that is free right now (the agent binds it moments later).
 pub fn free_udp_port() -> u16 {
-    UdpSocket::bind("127.0.0.1:0")
-        .and_then(|s| s.local_addr())
-        .map(|a| a.port())
-        .expect("free UDP port")
+    unique_port(|| {
+        UdpSocket::bind("127.0.0.1:0")
+            .and_then(|s| s.local_addr())
+            .map(|a| a.port())
+            .ok()
+    })
 }
 
 pub fn free_tcp_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|s| s.local_addr())
-        .map(|a| a.port())
-        .expect("free TCP port")
+    unique_port(|| {
+        TcpListener::bind("127.0.0.1:0")
+            .and_then(|s| s.local_addr())
+            .map(|a| a.port())
+            .ok()
+    })
 }
 
 pub fn write_secret(dir: &Path, name: &str, content: &str) -> PathBuf {
