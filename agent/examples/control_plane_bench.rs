@@ -163,8 +163,7 @@ async fn main() -> anyhow::Result<()> {
         let exited: Vec<usize> = procs
             .iter_mut()
             .enumerate()
-            .filter(|(_, p)| matches!(p.child.try_wait(), Ok(Some(_))))
-            .map(|(i, _)| i)
+            .filter_map(|(i, p)| matches!(p.child.try_wait(), Ok(Some(_))).then_some(i))
             .collect();
         anyhow::bail!("{n} agents did not converge within 120 s (agents that exited: {exited:?})")
     };
