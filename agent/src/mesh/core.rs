@@ -252,7 +252,6 @@ impl MeshCore {
         );
         if self.connected.insert(peer, outbound) != Some(outbound) {
             self.update_own_connections();
-            // Partners include inbound links only, so the probe set may have changed too.
         }
         // A fresh connection is the moment to reconcile both views in full.
         self.send_digest(peer);
@@ -469,18 +468,15 @@ impl MeshCore {
         }
     }
 
-    /// Peers we probe and gossip with: neighbours and connected peers that are up.
-    /// Outbound links to non-neighbours (on-demand dials) are left out on purpose: probing
-    /// over them would keep them busy, and the driver closes them once they are not needed.
+    /// Peers we probe and gossip with: our chosen neighbours that are up. Links that other
+    /// peers dialed to us, and on-demand links, are not partners: using them would make the
+    /// far end's unneeded link look busy, and it would be closed and re-dialed forever. The
+    /// neighbour choice alone is strongly connected (every peer has ring successors), and
+    /// every peer is probed by its ring predecessors.
     pub(super) fn partners(&self) -> Vec<PeerId> {
-        let mut set: BTreeSet<PeerId> = self.neighbours.clone();
-        set.extend(
-            self.connected
-                .iter()
-                .filter(|(_, outbound)| !**outbound)
-                .map(|(id, _)| *id),
-        );
-        set.into_iter()
+        self.neighbours
+            .iter()
+            .copied()
             .filter(|id| self.view.get(id).is_some_and(Member::is_up))
             .collect()
     }
