@@ -16,3 +16,63 @@ pub struct RingEntry {
     pub owner: PeerId,
     pub version: u64,
 }
+
+/// A Paxos ballot: higher round wins, proposer id breaks ties.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub struct Ballot {
+    pub round: u64,
+    pub proposer: PeerId,
+}
+
+/// Single-decree Paxos deciding the first split (`--ipalloc-init consensus=N`). The value
+/// is the set of peers the range is split among.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum PaxosMessage {
+    Prepare {
+        ballot: Ballot,
+    },
+    Promise {
+        ballot: Ballot,
+        accepted: Option<(Ballot, Vec<PeerId>)>,
+    },
+    Accept {
+        ballot: Ballot,
+        value: Vec<PeerId>,
+    },
+    Accepted {
+        ballot: Ballot,
+    },
+    /// The acceptor promised a higher ballot.
+    Reject {
+        ballot: Ballot,
+        promised: Ballot,
+    },
+}
+
+/// The IPAM channel.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum IpamMessage {
+    /// Ring entries: a delta, or the whole ring answering `Pull`.
+    Entries {
+        entries: Vec<RingEntry>,
+    },
+    /// Anti-entropy: the sender's ring hash, its free addresses and its seed-list hash.
+    Summary {
+        hash: u64,
+        free: u64,
+        seed: Option<u64>,
+    },
+    /// Send me your whole ring.
+    Pull,
+    SpaceRequest {
+        id: u64,
+    },
+    SpaceGrant {
+        id: u64,
+        entries: Vec<RingEntry>,
+    },
+    SpaceDenied {
+        id: u64,
+    },
+    Paxos(PaxosMessage),
+}

@@ -5,4 +5,6 @@
 
 pub mod allocations;
 pub mod block;
+pub mod core;
+pub mod paxos;
 pub mod ring;

@@ -455,7 +455,10 @@ impl Driver {
         let mut start = Vec::new();
         for (target, d) in self.links.dials.iter_mut() {
             let connected = d.peer.is_some_and(|p| self.links.links.contains_key(&p));
-            if connected || d.in_flight || now < d.next_try {
+            // An on-demand target is dialed only while something waits to be delivered.
+            let wanted = d.role != DialRole::OnDemand
+                || d.peer.is_some_and(|p| self.links.pending.contains_key(&p));
+            if connected || !wanted || d.in_flight || now < d.next_try {
                 continue;
             }
             d.in_flight = true;
@@ -510,6 +513,9 @@ impl Driver {
             if let Some(link) = self.links.links.remove(&peer) {
                 debug!(peer = %peer, "closing an idle link to a non-neighbour");
                 link.conn.close(CLOSE_IDLE.into(), b"idle: not a neighbour");
+                self.links
+                    .dials
+                    .retain(|_, d| d.role != DialRole::OnDemand || d.peer != Some(peer));
                 self.feed(Input::PeerDisconnected { peer });
             }
         }
