@@ -414,7 +414,11 @@ fn run_seed(seed: u64) -> (u64, Stats) {
     let n = 3 + (seed % 3) as usize;
     let mut sim = Sim::new(seed, n);
     // Nodes start over the first second; a late joiner sometimes comes much later.
-    let late = if seed.is_multiple_of(5) { Some(n - 1) } else { None };
+    let late = if seed.is_multiple_of(5) {
+        Some(n - 1)
+    } else {
+        None
+    };
     for i in 0..n {
         if Some(i) != late {
             let at = sim.rng.random_range(0..1000).max(sim.now_ms);

@@ -4,6 +4,7 @@
 //! caller was told survives `kill -9`. Never holds a transaction across an await point.
 
 mod identity;
+mod ipam;
 
 use std::path::{Path, PathBuf};
 
