@@ -11,6 +11,10 @@ use tracing::{info, warn};
 
 use crate::api::{metrics::Metrics, server};
 use crate::config::{AgentConfig, Dataplane};
+use crate::ipam;
+use crate::ipam::block::Block;
+use crate::ipam::core::IpamConfig;
+use crate::ipam::service::IpamService;
 use crate::mesh::driver::{Driver, DriverConfig};
 use crate::mesh::status::StaticInfo;
 use crate::mesh::{CoreConfig, MeshCore};
@@ -81,7 +85,31 @@ pub async fn run(cfg: AgentConfig) -> Result<()> {
         protocol: resolved.protocol,
         info,
     };
-    let driver = Driver::new(core, driver_cfg, store.clone(), endpoint, metrics.clone());
+    let range: Block = cfg
+        .ipalloc_range
+        .parse()
+        .map_err(|e| anyhow::anyhow!("--ipalloc-range {}: {e}", cfg.ipalloc_range))?;
+    let init = ipam::service::parse_init(cfg.ipalloc_init.as_deref(), resolved.peers.len() + 1)
+        .map_err(anyhow::Error::msg)?;
+    let mut ipam_cfg = IpamConfig::new(range, init);
+    ipam_cfg.seed = identity.peer_id.0;
+    let mtu = cfg.mtu.unwrap_or(1450);
+    let ipam = IpamService::new(
+        ipam_cfg,
+        identity.peer_id,
+        &resolved.node_name,
+        store.clone(),
+        mtu,
+        std::time::Instant::now(),
+    )?;
+    let driver = Driver::new(
+        core,
+        driver_cfg,
+        store.clone(),
+        endpoint,
+        metrics.clone(),
+        ipam,
+    );
 
     let (api_tx, api_rx) = mpsc::channel(64);
     let api_listener = server::bind_socket(&cfg.socket).await?;

@@ -2,7 +2,7 @@
 
 use std::fmt::Write;
 
-use mesh_proto::api::{ConnectionsResponse, PeersResponse, StatusResponse};
+use mesh_proto::api::{ConnectionsResponse, IpamStatusResponse, PeersResponse, StatusResponse};
 
 /// Left-aligned columns separated by two spaces.
 pub fn table(header: &[&str], rows: &[Vec<String>]) -> String {
@@ -177,6 +177,50 @@ pub fn connections(c: &ConnectionsResponse) -> String {
         &["DIR", "ADDRESS", "PEER", "DATAPLANE", "SINCE", "STATE"],
         &rows,
     )
+}
+
+/// Like `weave status ipam`: every owner's share, unreachable ones marked.
+pub fn ipam(v: &IpamStatusResponse) -> String {
+    let mut out = format!("Range: {}\nStatus: {}\n\n", v.range, v.status);
+    let rows: Vec<Vec<String>> = v
+        .owners
+        .iter()
+        .map(|o| {
+            vec![
+                o.name.clone(),
+                o.peer.clone(),
+                o.addresses.to_string(),
+                format!("{:.1}%", o.share * 100.0),
+                if o.reachable {
+                    String::new()
+                } else {
+                    "unreachable!".into()
+                },
+            ]
+        })
+        .collect();
+    if rows.is_empty() {
+        out.push_str("no owners yet: the range has not been split\n");
+    } else {
+        out.push_str(&table(&["NAME", "ID", "ADDRESSES", "SHARE", ""], &rows));
+    }
+    if v.unreachable_share > 0.0 {
+        let _ = writeln!(out, "\n{:.1}% of the range is owned by unreachable peers: 'meshctl rmpeer NAME' reclaims a peer that is gone", v.unreachable_share * 100.0);
+    }
+    let l = &v.local;
+    let _ = writeln!(
+        out,
+        "\nThis node: {} allocated, {} free, gateway {}, blocks {}",
+        l.allocated,
+        l.free,
+        l.gateway.as_deref().unwrap_or("-"),
+        if l.blocks.is_empty() {
+            "none".to_string()
+        } else {
+            l.blocks.join(" ")
+        }
+    );
+    out
 }
 
 #[cfg(test)]

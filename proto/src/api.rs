@@ -117,3 +117,103 @@ pub struct ErrorBody {
     pub error: String,
     pub code: String,
 }
+
+/// `POST /v1/allocations`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct AllocationRequest {
+    pub container_id: String,
+    pub ifname: String,
+    #[serde(default)]
+    pub netns: Option<String>,
+    #[serde(default)]
+    pub pod: Option<PodRef>,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct PodRef {
+    pub namespace: String,
+    pub name: String,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct RouteView {
+    pub dst: String,
+    pub gw: String,
+}
+
+/// Answer to `POST /v1/allocations` (201, or 200 for a repeated request).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct AllocationResponse {
+    /// `A.B.C.D/P`, P being the cluster range's prefix.
+    pub address: String,
+    pub gateway: String,
+    pub routes: Vec<RouteView>,
+    pub mtu: u32,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct AllocationView {
+    pub container_id: String,
+    pub ifname: String,
+    pub address: String,
+    #[serde(default)]
+    pub pod: Option<PodRef>,
+}
+
+/// `GET /v1/allocations`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct AllocationsResponse {
+    pub allocations: Vec<AllocationView>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct AttachmentRef {
+    pub container_id: String,
+    pub ifname: String,
+}
+
+/// `POST /v1/allocations/gc`: everything not listed is released.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct GcRequest {
+    pub valid: Vec<AttachmentRef>,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct GcResponse {
+    pub released: Vec<AllocationView>,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct IpamOwnerView {
+    pub peer: String,
+    pub name: String,
+    pub addresses: u64,
+    pub share: f64,
+    pub reachable: bool,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct IpamLocalView {
+    pub blocks: Vec<String>,
+    pub allocated: usize,
+    pub free: u64,
+    pub gateway: Option<String>,
+}
+
+/// `GET /v1/status/ipam`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct IpamStatusResponse {
+    pub range: String,
+    pub status: String,
+    pub owners: Vec<IpamOwnerView>,
+    pub local: IpamLocalView,
+    /// Addresses owned by peers this node cannot reach, as a share of the range.
+    pub unreachable_share: f64,
+}
+
+/// Answer to `DELETE /v1/peers/{name}` (`meshctl rmpeer`).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ReclaimResponse {
+    pub peer: String,
+    pub message: String,
+}

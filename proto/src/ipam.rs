@@ -75,4 +75,17 @@ pub enum IpamMessage {
         id: u64,
     },
     Paxos(PaxosMessage),
+    /// Ask the reclaim coordinator to move a dead peer's blocks to the sender.
+    ReclaimRequest {
+        id: u64,
+        dead: PeerId,
+    },
+    ReclaimGranted {
+        id: u64,
+        entries: Vec<RingEntry>,
+    },
+    ReclaimRefused {
+        id: u64,
+        reason: String,
+    },
 }

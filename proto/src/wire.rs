@@ -98,6 +98,7 @@ impl std::fmt::Display for RefuseReason {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Frame {
     Gossip(GossipMessage),
+    Ipam(crate::ipam::IpamMessage),
 }
 
 /// Picks the highest version both ranges contain.

@@ -71,7 +71,28 @@ pub async fn request(
 /// GETs `path` and decodes a JSON answer; a non-2xx answer becomes an error with the
 /// agent's own message.
 pub async fn get_json<T: DeserializeOwned>(socket: &Path, path: &str) -> Result<T, ClientError> {
-    let (status, bytes) = request(socket, "GET", path, None).await?;
+    send_json(socket, "GET", path).await
+}
+
+/// Percent-encodes one path segment (peer names are usually plain, but need not be).
+pub fn path_segment(s: &str) -> String {
+    s.bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'.' | b'_' | b'~' => {
+                (b as char).to_string()
+            }
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
+}
+
+/// Sends a bodiless request and decodes the JSON answer like `get_json`.
+pub async fn send_json<T: DeserializeOwned>(
+    socket: &Path,
+    method: &str,
+    path: &str,
+) -> Result<T, ClientError> {
+    let (status, bytes) = request(socket, method, path, None).await?;
     if !(200..300).contains(&status) {
         let message = serde_json::from_slice::<mesh_proto::api::ErrorBody>(&bytes)
             .map(|e| e.error)

@@ -9,18 +9,27 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
+use axum::body::Bytes;
+use axum::extract::Path as UrlPath;
 use axum::extract::State;
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
-use axum::routing::get;
+use axum::routing::{delete, get, post};
 use axum::{Json, Router};
-use mesh_proto::api::{ErrorBody, Report};
+use mesh_proto::api::{
+    AllocationRequest, AllocationsResponse, ErrorBody, GcRequest, GcResponse, Report,
+};
+
+use crate::ipam::allocations::AttachmentKey;
+use crate::ipam::service::ApiFailure;
 use tokio::sync::{mpsc, oneshot};
 
 use super::metrics::Metrics;
 use crate::mesh::driver::ApiRequest;
 
 const DRIVER_TIMEOUT: Duration = Duration::from_secs(5);
+/// Longer than IPAM's own bounded wait for space, so IPAM's answer (503/507) wins.
+const ALLOCATION_TIMEOUT: Duration = Duration::from_secs(15);
 
 #[derive(Clone)]
 struct ApiState {
@@ -76,12 +85,137 @@ async fn get_connections(State(s): State<ApiState>) -> Response {
     }
 }
 
-async fn get_ipam() -> Response {
-    error(
-        StatusCode::NOT_IMPLEMENTED,
-        "ipam_unavailable",
-        "IPAM is not built into this agent yet",
+/// Sends a request to the driver and waits (bounded) for its answer.
+async fn ask<T>(
+    state: &ApiState,
+    make: impl FnOnce(oneshot::Sender<T>) -> ApiRequest,
+    wait: Duration,
+) -> Result<T, Response> {
+    let (tx, rx) = oneshot::channel();
+    let exchange = async {
+        state.driver.send(make(tx)).await.ok()?;
+        rx.await.ok()
+    };
+    match tokio::time::timeout(wait, exchange).await {
+        Ok(Some(r)) => Ok(r),
+        _ => Err(error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "driver_unavailable",
+            "the mesh driver is not answering",
+        )),
+    }
+}
+
+fn failure(f: ApiFailure) -> Response {
+    let status = StatusCode::from_u16(f.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+    error(status, f.code, f.message)
+}
+
+fn parse_body<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, Box<Response>> {
+    serde_json::from_slice(body).map_err(|e| {
+        Box::new(error(
+            StatusCode::BAD_REQUEST,
+            "bad_request",
+            format!("invalid JSON body: {e}"),
+        ))
+    })
+}
+
+async fn get_ipam(State(s): State<ApiState>) -> Response {
+    match ask(&s, ApiRequest::IpamStatus, DRIVER_TIMEOUT).await {
+        Ok(v) => Json(v).into_response(),
+        Err(e) => e,
+    }
+}
+
+async fn post_allocation(State(s): State<ApiState>, body: Bytes) -> Response {
+    let request: AllocationRequest = match parse_body(&body) {
+        Ok(r) => r,
+        Err(e) => return *e,
+    };
+    // Allocation may wait for the first split or for space from a peer (bounded in IPAM).
+    match ask(
+        &s,
+        |reply| ApiRequest::Allocate { request, reply },
+        ALLOCATION_TIMEOUT,
     )
+    .await
+    {
+        Ok(Ok((answer, fresh))) => {
+            let status = if fresh {
+                StatusCode::CREATED
+            } else {
+                StatusCode::OK
+            };
+            (status, Json(answer)).into_response()
+        }
+        Ok(Err(f)) => failure(f),
+        Err(e) => e,
+    }
+}
+
+async fn delete_allocation(
+    State(s): State<ApiState>,
+    UrlPath((container_id, ifname)): UrlPath<(String, String)>,
+) -> Response {
+    let key = AttachmentKey {
+        container_id,
+        ifname,
+    };
+    match ask(
+        &s,
+        |reply| ApiRequest::Release { key, reply },
+        DRIVER_TIMEOUT,
+    )
+    .await
+    {
+        Ok(Ok(())) => StatusCode::NO_CONTENT.into_response(),
+        Ok(Err(f)) => failure(f),
+        Err(e) => e,
+    }
+}
+
+/// `meshctl rmpeer NAME`: moves a dead peer's address space to this node.
+async fn reclaim_peer(State(s): State<ApiState>, UrlPath(name): UrlPath<String>) -> Response {
+    match ask(
+        &s,
+        |reply| ApiRequest::Reclaim { name, reply },
+        ALLOCATION_TIMEOUT,
+    )
+    .await
+    {
+        Ok(Ok(answer)) => Json(answer).into_response(),
+        Ok(Err(f)) => failure(f),
+        Err(e) => e,
+    }
+}
+
+async fn list_allocations(State(s): State<ApiState>) -> Response {
+    match ask(&s, ApiRequest::ListAllocations, DRIVER_TIMEOUT).await {
+        Ok(allocations) => Json(AllocationsResponse { allocations }).into_response(),
+        Err(e) => e,
+    }
+}
+
+async fn gc_allocations(State(s): State<ApiState>, body: Bytes) -> Response {
+    let req: GcRequest = match parse_body(&body) {
+        Ok(r) => r,
+        Err(e) => return *e,
+    };
+    match ask(
+        &s,
+        |reply| ApiRequest::Gc {
+            valid: req.valid,
+            reply,
+        },
+        DRIVER_TIMEOUT,
+    )
+    .await
+    {
+        Ok(Ok(released)) => Json(GcResponse { released }).into_response(),
+        Ok(Err(f)) => failure(f),
+        Err(e) => e,
+    }
 }
 
 async fn get_report(State(s): State<ApiState>) -> Response {
@@ -125,6 +259,16 @@ pub fn router(driver: mpsc::Sender<ApiRequest>) -> Router {
         .route("/v1/status/connections", get(get_connections))
         .route("/v1/status/ipam", get(get_ipam))
         .route("/v1/report", get(get_report))
+        .route(
+            "/v1/allocations",
+            get(list_allocations).post(post_allocation),
+        )
+        .route("/v1/allocations/gc", post(gc_allocations))
+        .route(
+            "/v1/allocations/{container_id}/{ifname}",
+            delete(delete_allocation),
+        )
+        .route("/v1/peers/{name}", delete(reclaim_peer))
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .fallback(not_found)

@@ -6,7 +6,9 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand, ValueEnum};
 use mesh_agent::api::client::{self, ClientError};
 use mesh_agent::cli_render as render;
-use mesh_proto::api::{ConnectionsResponse, PeersResponse, Report, StatusResponse};
+use mesh_proto::api::{
+    ConnectionsResponse, IpamStatusResponse, PeersResponse, ReclaimResponse, Report, StatusResponse,
+};
 
 #[derive(Parser)]
 #[command(name = "meshctl", version, about = "Inspect the mesh from this node")]
@@ -47,6 +49,11 @@ enum Command {
     },
     /// Everything the agent knows, as one JSON document.
     Report,
+    /// Move a dead peer's address space to this node (only for peers that are gone for good).
+    Rmpeer {
+        /// The peer's name (or id).
+        name: String,
+    },
 }
 
 #[derive(Subcommand)]
@@ -95,6 +102,11 @@ async fn run(cli: Cli) -> Result<String, ClientError> {
     let s = &cli.socket;
     match cli.command {
         Command::Report => json(&client::get_json::<Report>(s, "/v1/report").await?),
+        Command::Rmpeer { name } => {
+            let path = format!("/v1/peers/{}", client::path_segment(&name));
+            let answer: ReclaimResponse = client::send_json(s, "DELETE", &path).await?;
+            Ok(format!("{}\n", answer.message))
+        }
         Command::Status { view, output } => match view {
             None => {
                 let st: StatusResponse = client::get_json(s, "/v1/status").await?;
@@ -123,8 +135,12 @@ async fn run(cli: Cli) -> Result<String, ClientError> {
                 }
             }
             Some(View::Ipam) => {
-                let v: serde_json::Value = client::get_json(s, "/v1/status/ipam").await?;
-                json(&v)
+                let v: IpamStatusResponse = client::get_json(s, "/v1/status/ipam").await?;
+                if output == Format::Json {
+                    json(&v)
+                } else {
+                    Ok(render::ipam(&v))
+                }
             }
         },
     }

@@ -8,3 +8,4 @@ pub mod block;
 pub mod core;
 pub mod paxos;
 pub mod ring;
+pub mod service;

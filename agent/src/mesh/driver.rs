@@ -19,11 +19,15 @@ use super::core::{Input, MeshCore, MeshEvent, Output};
 use super::links::{preferred_dialer, DialRole, Link, Links};
 use super::status::{self, StaticInfo};
 use crate::api::metrics::{DirectionLabel, EventLabel, GossipLabel, Metrics, StateLabel};
+use crate::ipam::allocations::AttachmentKey;
+use crate::ipam::core::IpamInput;
+use crate::ipam::service::{AllocationReply, ApiFailure, IpamService, ReclaimReply};
 use crate::store::Store;
 use crate::transport::connection::{
     self, Direction, Local, TransportEvent, CLOSE_DUPLICATE, CLOSE_IDLE, CLOSE_REFUSED,
     CLOSE_SHUTDOWN,
 };
+use mesh_proto::api::{AllocationRequest, AllocationView, AttachmentRef, IpamStatusResponse};
 
 /// Connection housekeeping period (dials, idle closes, gauges).
 const MAINTENANCE: Duration = Duration::from_millis(500);
@@ -33,6 +37,25 @@ const SEND_QUEUE: usize = 256;
 
 pub enum ApiRequest {
     Report(oneshot::Sender<Report>),
+    Allocate {
+        request: AllocationRequest,
+        reply: AllocationReply,
+    },
+    Release {
+        key: AttachmentKey,
+        reply: oneshot::Sender<Result<(), ApiFailure>>,
+    },
+    ListAllocations(oneshot::Sender<Vec<AllocationView>>),
+    Gc {
+        valid: Vec<AttachmentRef>,
+        reply: oneshot::Sender<Result<Vec<AllocationView>, ApiFailure>>,
+    },
+    IpamStatus(oneshot::Sender<IpamStatusResponse>),
+    /// `meshctl rmpeer NAME`.
+    Reclaim {
+        name: String,
+        reply: ReclaimReply,
+    },
 }
 
 pub struct DriverConfig {
@@ -58,7 +81,8 @@ pub struct Driver {
     metrics: Arc<Metrics>,
     started: Instant,
     /// Set when the agent cannot go on safely (the store refused a write).
-    fatal: Option<String>,
+    pub(super) fatal: Option<String>,
+    pub(super) ipam: IpamService,
 }
 
 impl Driver {
@@ -68,6 +92,7 @@ impl Driver {
         store: Arc<Store>,
         endpoint: quinn::Endpoint,
         metrics: Arc<Metrics>,
+        ipam: IpamService,
     ) -> Driver {
         let (own_tx, own_rx) = watch::channel(core.own_record().clone());
         let (events_tx, events_rx) = mpsc::channel(4096);
@@ -97,6 +122,7 @@ impl Driver {
             metrics,
             started: now,
             fatal: None,
+            ipam,
         }
     }
 
@@ -111,9 +137,10 @@ impl Driver {
         let mut maintenance = tokio::time::interval(MAINTENANCE);
         maintenance.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
-            let wake = tokio::time::Instant::from_std(self.core.poll_timeout());
+            let next = self.core.poll_timeout().min(self.ipam.poll_timeout());
+            let wake = tokio::time::Instant::from_std(next);
             tokio::select! {
-                _ = tokio::time::sleep_until(wake) => self.feed(Input::Timer),
+                _ = tokio::time::sleep_until(wake) => self.on_wake(),
                 Some(ev) = self.events_rx.recv() => self.on_transport(ev),
                 incoming = endpoint.accept() => match incoming {
                     Some(incoming) => {
@@ -175,14 +202,26 @@ impl Driver {
         if self.fatal.is_none() && self.core.own_record().content_key() != before {
             self.own_tx.send_replace(self.core.own_record().clone());
         }
+        self.sync_topology(now);
     }
 
     fn send(&mut self, to: PeerId, msg: GossipMessage, now: Instant) {
         let kind = msg.kind();
-        let frame = match wire::encode_frame(&Frame::Gossip(msg)) {
+        self.send_frame(to, &Frame::Gossip(msg), kind, now);
+    }
+
+    /// Sends one frame to a peer, dialing it on demand; best effort.
+    pub(super) fn send_frame(
+        &mut self,
+        to: PeerId,
+        frame: &Frame,
+        kind: &'static str,
+        now: Instant,
+    ) {
+        let frame = match wire::encode_frame(frame) {
             Ok(f) => f,
             Err(e) => {
-                warn!(peer = %to, error = %e, "cannot encode a gossip message");
+                warn!(peer = %to, error = %e, "cannot encode a message");
                 return;
             }
         };
@@ -358,6 +397,13 @@ impl Driver {
                             .get_or_create(&DirectionLabel { direction: "in" })
                             .inc_by(bytes as u64);
                         self.feed(Input::Message { from: peer, msg });
+                    }
+                    Frame::Ipam(msg) => {
+                        self.metrics
+                            .gossip_bytes
+                            .get_or_create(&DirectionLabel { direction: "in" })
+                            .inc_by(bytes as u64);
+                        self.ipam_step(IpamInput::Message { from: peer, msg });
                     }
                 }
             }
@@ -564,6 +610,9 @@ impl Driver {
             ready,
             now.duration_since(self.started),
         );
+        let mut status = status;
+        let ipam = self.ipam.status();
+        status.ipam.status = ipam.status;
         Report {
             status,
             peers,
@@ -576,6 +625,9 @@ impl Driver {
             ApiRequest::Report(reply) => {
                 let _ = reply.send(self.report(Instant::now()));
             }
+            other => self.on_ipam_api(other),
         }
     }
 }
+
+mod ipam_glue;

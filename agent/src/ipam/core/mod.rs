@@ -24,6 +24,10 @@ use super::block::Block;
 use super::paxos::{AcceptorState, Paxos, Step};
 use super::ring::RangeRing;
 
+mod reclaim;
+
+pub use reclaim::ReclaimStart;
+
 /// The key under which the node's gateway (bridge) address is reserved.
 pub const GATEWAY_CONTAINER: &str = "_gateway";
 
@@ -127,6 +131,16 @@ pub enum IpamEvent {
         peer: PeerId,
         reason: String,
     },
+    /// A dead peer's space moved to `to` (id 0 when decided here as coordinator).
+    Reclaimed {
+        id: u64,
+        dead: PeerId,
+        to: PeerId,
+    },
+    ReclaimRefused {
+        id: u64,
+        reason: String,
+    },
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -181,6 +195,7 @@ pub struct IpamCore {
     request: Option<SpaceRequest>,
     next_request_id: u64,
     denied: BTreeMap<PeerId, Instant>,
+    reclaims: Vec<reclaim::PendingReclaim>,
     next_anti_entropy: Instant,
     next_proposal: Instant,
     proposal_armed: bool,
@@ -248,6 +263,7 @@ impl IpamCore {
             request: None,
             next_request_id: 0,
             denied: BTreeMap::new(),
+            reclaims: Vec::new(),
             out: Vec::new(),
         }
     }
@@ -267,6 +283,9 @@ impl IpamCore {
         }
         if let Some(r) = &self.request {
             t = t.min(r.deadline);
+        }
+        if let Some(d) = self.reclaims.iter().map(|r| r.deadline).min() {
+            t = t.min(d);
         }
         t
     }
@@ -389,6 +408,7 @@ impl IpamCore {
         }
         self.denied
             .retain(|_, at| now.duration_since(*at) < self.cfg.denial_backoff);
+        self.expire_reclaims(now);
         if now >= self.next_anti_entropy {
             self.next_anti_entropy = now + self.cfg.anti_entropy_interval;
             let targets: Vec<PeerId> = self
@@ -460,6 +480,13 @@ impl IpamCore {
                 self.send(from, IpamMessage::Entries { entries });
             }
             IpamMessage::SpaceRequest { id } => self.on_space_request(from, id),
+            IpamMessage::ReclaimRequest { id, dead } => self.on_reclaim_request(from, id, dead),
+            IpamMessage::ReclaimGranted { id, entries } => {
+                self.on_reclaim_answer(now, from, id, Ok(entries))
+            }
+            IpamMessage::ReclaimRefused { id, reason } => {
+                self.on_reclaim_answer(now, from, id, Err(reason))
+            }
             IpamMessage::SpaceGrant { id, entries } => {
                 self.merge_entries(now, from, &entries);
                 if self.request.as_ref().is_some_and(|r| r.id == id) {
@@ -761,8 +788,10 @@ impl IpamCore {
         let mut best: Option<Block> = None;
         let mut stack = self.ring.blocks_of(self.me);
         while let Some(b) = stack.pop() {
-            let untouched =
-                self.allocs.used_in(b) == 0 && !reserved.iter().any(|a| b.contains_addr(*a));
+            // Anchor blocks stay put: they locate the reclaim coordinator (reclaim.rs).
+            let untouched = self.allocs.used_in(b) == 0
+                && !reserved.iter().any(|a| b.contains_addr(*a))
+                && !self.holds_anchor(b);
             if untouched && b.size() * 2 <= free {
                 if best.is_none_or(|x| {
                     b.size() > x.size() || (b.size() == x.size() && b.start > x.start)

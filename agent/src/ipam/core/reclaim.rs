@@ -1,0 +1,210 @@
+//! Reclaiming a dead peer's space (`meshctl rmpeer`), with exactly one writer.
+//!
+//! Every reclaim of peer X is decided by X's *coordinator*: the owner of the first of a
+//! few fixed anchor addresses (first, last, middle, quarters of the range) that X does not
+//! own. Anchor blocks are never donated, so an anchor changes hands only through a
+//! reclaim, and at any moment one live peer owns it. The coordinator checks that X is down,
+//! writes X's blocks over to the requester (one version up), stores that, and only then
+//! answers. A second `rmpeer X` — from any node, at the same moment — reaches the same
+//! coordinator, which finds X owning nothing and refuses it. Two owners cannot result.
+
+use std::time::{Duration, Instant};
+
+use mesh_proto::ipam::{IpamMessage, RingEntry, NOBODY};
+use mesh_proto::PeerId;
+
+use super::{IpamCore, IpamEvent, IpamOutput, IpamWrite};
+use crate::ipam::block::Block;
+
+const RECLAIM_TIMEOUT: Duration = Duration::from_secs(10);
+
+pub(super) struct PendingReclaim {
+    pub id: u64,
+    pub dead: PeerId,
+    pub deadline: Instant,
+}
+
+/// How a reclaim started.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ReclaimStart {
+    /// Done here (we are the coordinator): this many addresses moved to us.
+    Done { addresses: u64 },
+    /// Asked the coordinator; the answer comes as an event with this id.
+    Asked { id: u64, coordinator: PeerId },
+}
+
+impl IpamCore {
+    /// The fixed anchor addresses of the range, in priority order.
+    pub(super) fn anchors(&self) -> [u32; 5] {
+        let r = self.ring.range();
+        let size = r.size();
+        let at =
+            |num: u64, den: u64| (u64::from(r.start) + size * num / den).min(r.end() - 1) as u32;
+        [r.start, r.last(), at(1, 2), at(1, 4), at(3, 4)]
+    }
+
+    pub(super) fn holds_anchor(&self, b: Block) -> bool {
+        self.anchors().iter().any(|a| b.contains_addr(*a))
+    }
+
+    /// Who decides reclaims of `dead`, as this node sees the ring.
+    pub fn coordinator_for(&self, dead: PeerId) -> Option<PeerId> {
+        self.anchors()
+            .iter()
+            .filter_map(|a| self.ring.owner_of(*a).map(|(_, o)| o.owner))
+            .find(|o| *o != dead && *o != NOBODY)
+    }
+
+    fn find_peer(&self, name: &str) -> Option<PeerId> {
+        self.peers
+            .iter()
+            .find(|(_, p)| p.name == name)
+            .map(|(id, _)| *id)
+            .or_else(|| {
+                name.parse::<PeerId>()
+                    .ok()
+                    .filter(|id| self.peers.contains_key(id))
+            })
+    }
+
+    /// `meshctl rmpeer NAME` on this node: move NAME's blocks here.
+    pub fn reclaim(
+        &mut self,
+        now: Instant,
+        name: &str,
+    ) -> (Result<ReclaimStart, String>, Vec<IpamOutput>) {
+        let result = self.reclaim_inner(now, name);
+        (result, std::mem::take(&mut self.out))
+    }
+
+    fn reclaim_inner(&mut self, now: Instant, name: &str) -> Result<ReclaimStart, String> {
+        let dead = self
+            .find_peer(name)
+            .ok_or_else(|| format!("no peer named {name:?} is known to this node"))?;
+        if dead == self.me {
+            return Err("a node cannot reclaim its own space".into());
+        }
+        let coordinator = self.coordinator_for(dead).ok_or_else(|| {
+            format!("{name} owns every anchor of the range; no peer can decide its reclaim")
+        })?;
+        if coordinator == self.me {
+            let entries = self.decide(self.me, dead)?;
+            let addresses = entries
+                .iter()
+                .map(|e| {
+                    Block {
+                        start: e.start,
+                        prefix: e.prefix,
+                    }
+                    .size()
+                })
+                .sum();
+            return Ok(ReclaimStart::Done { addresses });
+        }
+        if self.is_up(dead) {
+            return Err(format!("{name} is alive as far as this node can tell; rmpeer is for peers that are gone for good"));
+        }
+        self.next_request_id += 1;
+        let id = self.next_request_id;
+        self.reclaims.push(PendingReclaim {
+            id,
+            dead,
+            deadline: now + RECLAIM_TIMEOUT,
+        });
+        self.send(coordinator, IpamMessage::ReclaimRequest { id, dead });
+        Ok(ReclaimStart::Asked { id, coordinator })
+    }
+
+    /// The coordinator's decision: moves `dead`'s blocks to `to`, stores and floods it.
+    fn decide(&mut self, to: PeerId, dead: PeerId) -> Result<Vec<RingEntry>, String> {
+        let dead_name = self.name_of(dead);
+        if self.coordinator_for(dead) != Some(self.me) {
+            return Err(format!("this node is not the reclaim coordinator for {dead_name}; retry once the ring has settled"));
+        }
+        if self.is_up(dead) {
+            return Err(format!("{dead_name} is alive as far as the coordinator can tell; rmpeer is for peers that are gone for good"));
+        }
+        if to != self.me && !self.is_up(to) {
+            return Err("the requesting node is not reachable from the coordinator".into());
+        }
+        let blocks: Vec<(Block, u64)> = self
+            .ring
+            .iter()
+            .filter(|(_, o)| o.owner == dead)
+            .map(|(b, o)| (b, o.version))
+            .collect();
+        if blocks.is_empty() {
+            return Err(format!(
+                "{dead_name} owns no address space: it was already reclaimed"
+            ));
+        }
+        let entries: Vec<RingEntry> = blocks
+            .iter()
+            .map(|(b, v)| RingEntry {
+                start: b.start,
+                prefix: b.prefix,
+                owner: to,
+                version: v + 1,
+            })
+            .collect();
+        for e in &entries {
+            // Entries come from our own ring: valid by construction.
+            let _ = self.ring.merge(e);
+        }
+        // Stored before the answer or any delta leaves.
+        self.out
+            .push(IpamOutput::Persist(IpamWrite::Ring(self.ring.entries())));
+        self.out
+            .push(IpamOutput::Event(IpamEvent::Reclaimed { id: 0, dead, to }));
+        self.ensure_gateway();
+        self.flood(Some(to), entries.clone());
+        Ok(entries)
+    }
+
+    pub(super) fn on_reclaim_request(&mut self, from: PeerId, id: u64, dead: PeerId) {
+        match self.decide(from, dead) {
+            Ok(entries) => self.send(from, IpamMessage::ReclaimGranted { id, entries }),
+            Err(reason) => self.send(from, IpamMessage::ReclaimRefused { id, reason }),
+        }
+    }
+
+    pub(super) fn on_reclaim_answer(
+        &mut self,
+        now: Instant,
+        from: PeerId,
+        id: u64,
+        result: Result<Vec<RingEntry>, String>,
+    ) {
+        let Some(pos) = self.reclaims.iter().position(|r| r.id == id) else {
+            return;
+        };
+        let pending = self.reclaims.remove(pos);
+        match result {
+            Ok(entries) => {
+                self.merge_entries(now, from, &entries);
+                self.out.push(IpamOutput::Event(IpamEvent::Reclaimed {
+                    id,
+                    dead: pending.dead,
+                    to: self.me,
+                }));
+            }
+            Err(reason) => self
+                .out
+                .push(IpamOutput::Event(IpamEvent::ReclaimRefused { id, reason })),
+        }
+    }
+
+    pub(super) fn expire_reclaims(&mut self, now: Instant) {
+        let (expired, keep): (Vec<_>, Vec<_>) = std::mem::take(&mut self.reclaims)
+            .into_iter()
+            .partition(|r| now >= r.deadline);
+        self.reclaims = keep;
+        for r in expired {
+            let reason = "the reclaim coordinator did not answer in time; try again".to_string();
+            self.out.push(IpamOutput::Event(IpamEvent::ReclaimRefused {
+                id: r.id,
+                reason,
+            }));
+        }
+    }
+}
