@@ -6,48 +6,14 @@
 //!
 //! Run: `scripts/bench-control-plane.sh [AGENTS]` (builds release binaries first).
 
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::path::Path;
 use std::time::{Duration, Instant};
 
 use mesh_agent::api::client;
 use mesh_proto::api::PeersResponse;
 
-struct Proc {
-    child: Child,
-    socket: PathBuf,
-    metrics: String,
-}
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-/// `n` distinct free ports: every probe socket stays bound until all are chosen, so the
-/// kernel cannot hand the same port out twice.
-fn free_ports(n: usize, udp: bool) -> anyhow::Result<Vec<u16>> {
-    let mut udp_socks = Vec::new();
-    let mut tcp_socks = Vec::new();
-    let mut ports = Vec::new();
-    for _ in 0..n {
-        let port = if udp {
-            let s = std::net::UdpSocket::bind("127.0.0.1:0")?;
-            let p = s.local_addr()?.port();
-            udp_socks.push(s);
-            p
-        } else {
-            let s = std::net::TcpListener::bind("127.0.0.1:0")?;
-            let p = s.local_addr()?.port();
-            tcp_socks.push(s);
-            p
-        };
-        ports.push(port);
-    }
-    Ok(ports)
-}
+mod bench_support;
+use bench_support::spawn_cluster;
 
 fn rss_kib(pid: u32) -> u64 {
     std::fs::read_to_string(format!("/proc/{pid}/status"))
@@ -98,50 +64,8 @@ async fn main() -> anyhow::Result<()> {
         .unwrap_or_else(|| "target/release/mesh-agent".into());
     let n: usize = args.get(2).and_then(|s| s.parse().ok()).unwrap_or(50);
     let dir = tempfile::tempdir()?;
-    let secret = dir.path().join("secret");
-    std::fs::write(&secret, "benchmark secret 0123456789abcdef")?;
-    let ports = free_ports(n, true)?;
-    let metrics_ports = free_ports(n, false)?;
-    let seeds: Vec<String> = ports
-        .iter()
-        .take(3)
-        .map(|p| format!("127.0.0.1:{p}"))
-        .collect();
-    let mut procs = Vec::new();
     let start = Instant::now();
-    for (i, port) in ports.iter().enumerate() {
-        let socket = dir.path().join(format!("a{i}.sock"));
-        let metrics = format!("127.0.0.1:{}", metrics_ports[i]);
-        let child = Command::new(&agent_bin)
-            .args([
-                "--node-name",
-                &format!("bench-{i}"),
-                "--listen",
-                &format!("127.0.0.1:{port}"),
-            ])
-            .args(["--peers", &seeds.join(","), "--secret-file"])
-            .arg(&secret)
-            .arg("--state-dir")
-            .arg(dir.path().join(format!("s{i}")))
-            .arg("--socket")
-            .arg(&socket)
-            .args([
-                "--metrics-addr",
-                &metrics,
-                "--dataplane",
-                "none",
-                "--log",
-                "warn",
-            ])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()?;
-        procs.push(Proc {
-            child,
-            socket,
-            metrics,
-        });
-    }
+    let mut procs = spawn_cluster(&agent_bin, dir.path(), "bench", n)?;
     let spawned = start.elapsed();
     let deadline = Instant::now() + Duration::from_secs(120);
     let mut converged = None;

@@ -100,6 +100,7 @@ pub async fn run(cfg: AgentConfig) -> Result<()> {
         &resolved.node_name,
         store.clone(),
         mtu,
+        metrics.clone(),
         std::time::Instant::now(),
     )?;
     let driver = Driver::new(

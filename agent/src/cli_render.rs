@@ -207,6 +207,9 @@ pub fn ipam(v: &IpamStatusResponse) -> String {
     if v.unreachable_share > 0.0 {
         let _ = writeln!(out, "\n{:.1}% of the range is owned by unreachable peers: 'meshctl rmpeer NAME' reclaims a peer that is gone", v.unreachable_share * 100.0);
     }
+    for r in &v.refused_peers {
+        let _ = writeln!(out, "refused: {r}");
+    }
     let l = &v.local;
     let _ = writeln!(
         out,

@@ -209,6 +209,9 @@ pub struct IpamStatusResponse {
     pub local: IpamLocalView,
     /// Addresses owned by peers this node cannot reach, as a share of the range.
     pub unreachable_share: f64,
+    /// Peers whose IPAM state this node refuses (e.g. another seed list), with the reason.
+    #[serde(default)]
+    pub refused_peers: Vec<String>,
 }
 
 /// Answer to `DELETE /v1/peers/{name}` (`meshctl rmpeer`).

@@ -10,6 +10,7 @@ use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
+use std::sync::atomic::AtomicU64;
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct StateLabel {
@@ -41,6 +42,15 @@ pub struct Metrics {
     pub gossip_dropped: Counter,
     pub detector_events: Family<EventLabel, Counter>,
     pub connection_failures: Family<DirectionLabel, Counter>,
+    pub ipam_addresses: Family<KindLabel, Gauge>,
+    pub ipam_unreachable_share: Gauge<f64, AtomicU64>,
+    pub ipam_pending_requests: Gauge,
+    pub ipam_events: Family<EventLabel, Counter>,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct KindLabel {
+    pub kind: &'static str,
 }
 
 impl Metrics {
@@ -88,7 +98,35 @@ impl Metrics {
             "Failed dials (out) and refused or failed inbound connections (in)",
             connection_failures.clone(),
         );
+        let ipam_addresses = Family::<KindLabel, Gauge>::default();
+        registry.register(
+            "ipam_addresses",
+            "Addresses of this node: owned, used (pods and gateway), free",
+            ipam_addresses.clone(),
+        );
+        let ipam_unreachable_share = Gauge::<f64, AtomicU64>::default();
+        registry.register(
+            "ipam_unreachable_share",
+            "Share of the range owned by peers this node cannot reach",
+            ipam_unreachable_share.clone(),
+        );
+        let ipam_pending_requests = Gauge::default();
+        registry.register(
+            "ipam_pending_requests",
+            "Space requests this node is waiting on",
+            ipam_pending_requests.clone(),
+        );
+        let ipam_events = Family::<EventLabel, Counter>::default();
+        registry.register(
+            "ipam_events",
+            "IPAM events: split, space_requested, space_granted, space_denied, reclaimed, reclaim_refused, conflict, refused_peer, bad_entry",
+            ipam_events.clone(),
+        );
         Arc::new(Metrics {
+            ipam_addresses,
+            ipam_unreachable_share,
+            ipam_pending_requests,
+            ipam_events,
             registry,
             connections,
             peers,

@@ -20,6 +20,7 @@ use super::core::{
     gateway_key, AllocateError, IpamConfig, IpamCore, IpamEvent, IpamInput, IpamOutput, PeerInfo,
     ReclaimStart,
 };
+use crate::api::metrics::{EventLabel, KindLabel, Metrics};
 use crate::store::{Store, StoreError};
 
 /// How long an allocation may wait for the first split or for space from a peer.
@@ -56,6 +57,7 @@ pub struct IpamService {
     waiting: Vec<Waiting>,
     reclaims: Vec<WaitingReclaim>,
     topology_signature: u64,
+    metrics: Arc<Metrics>,
 }
 
 /// One allocation attempt: the answer and whether it is new, or why not (yet).
@@ -90,6 +92,7 @@ impl IpamService {
         name: &str,
         store: Arc<Store>,
         mtu: u32,
+        metrics: Arc<Metrics>,
         now: Instant,
     ) -> Result<IpamService, StoreError> {
         let range_text = cfg.range.to_string();
@@ -103,6 +106,7 @@ impl IpamService {
             waiting: Vec::new(),
             reclaims: Vec::new(),
             topology_signature: 0,
+            metrics,
         })
     }
 
@@ -136,6 +140,12 @@ impl IpamService {
                             | IpamEvent::Reclaimed { .. }
                     );
                     self.answer_reclaim(&e);
+                    self.metrics
+                        .ipam_events
+                        .get_or_create(&EventLabel {
+                            event: event_name(&e),
+                        })
+                        .inc();
                     log_event(&self.core, e);
                 }
             }
@@ -372,6 +382,32 @@ impl IpamService {
         Ok(released)
     }
 
+    /// Refreshes the IPAM gauges (called on the driver's maintenance tick).
+    pub fn update_gauges(&self) {
+        let owned: u64 = self
+            .core
+            .ring()
+            .blocks_of(self.core.me())
+            .iter()
+            .map(|b| b.size())
+            .sum();
+        let free = self.core.free();
+        let m = &self.metrics;
+        m.ipam_addresses
+            .get_or_create(&KindLabel { kind: "owned" })
+            .set(owned as i64);
+        m.ipam_addresses
+            .get_or_create(&KindLabel { kind: "free" })
+            .set(free as i64);
+        m.ipam_addresses
+            .get_or_create(&KindLabel { kind: "used" })
+            .set(self.core.allocations().len() as i64);
+        m.ipam_pending_requests
+            .set(self.core.pending_requests() as i64);
+        m.ipam_unreachable_share
+            .set(self.status().unreachable_share);
+    }
+
     pub fn status(&self) -> IpamStatusResponse {
         let ring = self.core.ring();
         let total = ring.range().size() as f64;
@@ -405,6 +441,12 @@ impl IpamService {
                 gateway: self.core.gateway().map(|g| Ipv4Addr::from(g).to_string()),
             },
             unreachable_share,
+            refused_peers: self
+                .core
+                .incompatible_peers()
+                .into_iter()
+                .map(|(n, r)| format!("{n}: {r}"))
+                .collect(),
         }
     }
 
@@ -415,6 +457,20 @@ impl IpamService {
             .iter()
             .map(ToString::to_string)
             .collect()
+    }
+}
+
+fn event_name(e: &IpamEvent) -> &'static str {
+    match e {
+        IpamEvent::Split { .. } => "split",
+        IpamEvent::SpaceGranted { .. } => "space_granted",
+        IpamEvent::SpaceDenied { .. } => "space_denied",
+        IpamEvent::SpaceRequested { .. } => "space_requested",
+        IpamEvent::Conflict { .. } => "conflict",
+        IpamEvent::Incompatible { .. } => "refused_peer",
+        IpamEvent::BadEntry { .. } => "bad_entry",
+        IpamEvent::Reclaimed { .. } => "reclaimed",
+        IpamEvent::ReclaimRefused { .. } => "reclaim_refused",
     }
 }
 

@@ -572,6 +572,7 @@ impl Driver {
     }
 
     fn update_gauges(&self, now: Instant) {
+        self.ipam.update_gauges();
         let report = self.report(now);
         self.metrics.connections.clear();
         for (state, n) in &report.status.connections {

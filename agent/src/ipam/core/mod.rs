@@ -299,6 +299,19 @@ impl IpamCore {
     }
 
     /// One line for `meshctl status ipam`.
+    /// Peers whose IPAM state we refuse, with why.
+    pub fn incompatible_peers(&self) -> Vec<(String, String)> {
+        self.peers
+            .values()
+            .filter_map(|p| p.incompatible.as_ref().map(|r| (p.name.clone(), r.clone())))
+            .collect()
+    }
+
+    /// How many allocation callers are waiting on a space request (0 or 1 in flight).
+    pub fn pending_requests(&self) -> usize {
+        usize::from(self.request.is_some())
+    }
+
     pub fn status(&self) -> String {
         if self.ring.is_split() {
             if let Some(r) = &self.request {
