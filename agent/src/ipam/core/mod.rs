@@ -424,10 +424,14 @@ impl IpamCore {
         self.expire_reclaims(now);
         if now >= self.next_anti_entropy {
             self.next_anti_entropy = now + self.cfg.anti_entropy_interval;
+            // Neighbours only: they have a link already, so anti-entropy never makes the
+            // transport dial (and later close) a connection just for this.
+            let up = self.up_peers();
             let targets: Vec<PeerId> = self
-                .up_peers()
-                .into_iter()
-                .filter(|p| *p != self.me)
+                .neighbours
+                .iter()
+                .copied()
+                .filter(|p| up.contains(p))
                 .collect();
             if let Some(to) = targets.choose(&mut self.rng).copied() {
                 let msg = self.summary();
