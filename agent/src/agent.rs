@@ -89,7 +89,7 @@ pub async fn run(cfg: AgentConfig) -> Result<()> {
         .ipalloc_range
         .parse()
         .map_err(|e| anyhow::anyhow!("--ipalloc-range {}: {e}", cfg.ipalloc_range))?;
-    let init = ipam::service::parse_init(cfg.ipalloc_init.as_deref(), resolved.peers.len() + 1)
+    let init = ipam::service::parse_init(cfg.ipalloc_init.as_deref(), resolved.peers_listed + 1)
         .map_err(anyhow::Error::msg)?;
     let mut ipam_cfg = IpamConfig::new(range, init);
     ipam_cfg.seed = identity.peer_id.0;

@@ -118,6 +118,9 @@ pub struct Resolved {
     /// `--peers` as dial targets `host:port`; names are resolved on every dial attempt, so a
     /// peer whose name does not resolve yet does not stop the agent.
     pub peers: Vec<String>,
+    /// How many distinct targets `--peers` named, this node included if listed: the
+    /// default `consensus=N` is this plus one, the same on every node given the same list.
+    pub peers_listed: usize,
     pub secret: Option<Vec<u8>>,
     pub protocol: (u16, u16),
 }
@@ -165,10 +168,11 @@ impl AgentConfig {
             }
             peers.push(parse_peer(p)?);
         }
-        let (me_advertised, me_listen) = (advertise.to_string(), self.listen.to_string());
-        peers.retain(|p| *p != me_advertised && *p != me_listen);
         peers.sort();
         peers.dedup();
+        let peers_listed = peers.len();
+        let (me_advertised, me_listen) = (advertise.to_string(), self.listen.to_string());
+        peers.retain(|p| *p != me_advertised && *p != me_listen);
         let protocol = match &self.protocol_range {
             None => (
                 mesh_proto::wire::PROTOCOL_MIN,
@@ -188,6 +192,7 @@ impl AgentConfig {
             node_name,
             advertise,
             peers,
+            peers_listed,
             secret,
             protocol,
         })

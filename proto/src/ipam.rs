@@ -28,8 +28,10 @@ pub struct Ballot {
 /// is the set of peers the range is split among.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum PaxosMessage {
+    /// `n` is the proposer's `consensus=N`: peers that disagree on N must not vote together.
     Prepare {
         ballot: Ballot,
+        n: u32,
     },
     Promise {
         ballot: Ballot,
@@ -38,6 +40,7 @@ pub enum PaxosMessage {
     Accept {
         ballot: Ballot,
         value: Vec<PeerId>,
+        n: u32,
     },
     Accepted {
         ballot: Ballot,

@@ -2,8 +2,10 @@
 //!
 //! Every peer is acceptor and (when it is its turn) proposer. The value is the set of peer
 //! ids the range is split among; the ring is a pure function of it, so any two peers that
-//! learn the decision build the identical ring. Quorum is `N/2 + 1` of the N initial peers:
-//! two isolated groups can never both reach it. Acceptor state must be stored before the
+//! learn the decision build the identical ring. Quorum is a majority of N, the number of
+//! initial peers, or of the peers the proposer knows if that is more: two isolated groups
+//! can never both reach it. Messages carry N; a peer configured with another N is not
+//! counted (the caller reports it). Acceptor state must be stored before the
 //! answer leaves (the caller persists `AcceptorState` when `handle` says so).
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -38,10 +40,17 @@ pub struct Step {
     /// The acceptor state changed: store it before sending `send`.
     pub persist: Option<AcceptorState>,
     pub decided: Option<Vec<PeerId>>,
+    /// The sender runs with another `consensus=N` (theirs); its message was ignored.
+    pub mismatched_n: Option<u32>,
 }
+
+/// Ballot rounds at or above this are treated as corrupt input.
+const MAX_ROUND: u64 = u64::MAX / 2;
 
 pub struct Paxos {
     me: PeerId,
+    n: u32,
+    /// Majority needed by the round in progress.
     quorum: usize,
     acceptor: AcceptorState,
     ballot: Ballot,
@@ -51,9 +60,11 @@ pub struct Paxos {
 impl Paxos {
     pub fn new(me: PeerId, initial_peers: usize, acceptor: AcceptorState) -> Paxos {
         let round = acceptor.promised.map_or(0, |b| b.round);
+        let n = u32::try_from(initial_peers.max(1)).unwrap_or(u32::MAX);
         Paxos {
             me,
-            quorum: initial_peers / 2 + 1,
+            n,
+            quorum: initial_peers.max(1) / 2 + 1,
             acceptor,
             ballot: Ballot {
                 round,
@@ -63,8 +74,9 @@ impl Paxos {
         }
     }
 
+    /// The smallest number of peers a round needs (a majority of N).
     pub fn quorum(&self) -> usize {
-        self.quorum
+        self.n as usize / 2 + 1
     }
 
     pub fn is_proposing(&self) -> bool {
@@ -80,20 +92,21 @@ impl Paxos {
             .map_or(0, |b| b.round)
             .max(self.ballot.round);
         self.ballot = Ballot {
-            round: seen + 1,
+            round: seen.saturating_add(1).min(MAX_ROUND),
             proposer: self.me,
         };
         self.phase = Phase::Preparing {
             promises: BTreeMap::new(),
         };
+        // A majority of N, or of everyone we can see if more peers turned up than N says.
+        self.quorum = (self.n as usize).max(peers.len()) / 2 + 1;
         let mut step = Step::default();
         for p in peers {
-            step.send.push((
-                *p,
-                PaxosMessage::Prepare {
-                    ballot: self.ballot,
-                },
-            ));
+            let msg = PaxosMessage::Prepare {
+                ballot: self.ballot,
+                n: self.n,
+            };
+            step.send.push((*p, msg));
         }
         step
     }
@@ -107,8 +120,22 @@ impl Paxos {
         value_if_free: &[PeerId],
     ) -> Step {
         let mut step = Step::default();
+        let (ballot_round, their_n) = match &msg {
+            PaxosMessage::Prepare { ballot, n } => (ballot.round, Some(*n)),
+            PaxosMessage::Accept { ballot, n, .. } => (ballot.round, Some(*n)),
+            PaxosMessage::Promise { ballot, .. }
+            | PaxosMessage::Accepted { ballot }
+            | PaxosMessage::Reject { ballot, .. } => (ballot.round, None),
+        };
+        if ballot_round >= MAX_ROUND {
+            return step;
+        }
+        if let Some(n) = their_n.filter(|n| *n != self.n) {
+            step.mismatched_n = Some(n);
+            return step;
+        }
         match msg {
-            PaxosMessage::Prepare { ballot } => {
+            PaxosMessage::Prepare { ballot, .. } => {
                 if self.acceptor.promised.is_none_or(|p| ballot > p) {
                     self.acceptor.promised = Some(ballot);
                     step.persist = Some(self.acceptor.clone());
@@ -124,7 +151,7 @@ impl Paxos {
                         .push((from, PaxosMessage::Reject { ballot, promised }));
                 }
             }
-            PaxosMessage::Accept { ballot, value } => {
+            PaxosMessage::Accept { ballot, value, .. } => {
                 if self.acceptor.promised.is_none_or(|p| ballot >= p) {
                     self.acceptor.promised = Some(ballot);
                     self.acceptor.accepted = Some((ballot, value));
@@ -156,6 +183,7 @@ impl Paxos {
                                 PaxosMessage::Accept {
                                     ballot,
                                     value: value.clone(),
+                                    n: self.n,
                                 },
                             ));
                         }
@@ -173,7 +201,7 @@ impl Paxos {
             }
             PaxosMessage::Reject { ballot, promised } if ballot == self.ballot => {
                 // Someone is ahead: stop, and start above them next time.
-                self.ballot.round = self.ballot.round.max(promised.round);
+                self.ballot.round = self.ballot.round.max(promised.round.min(MAX_ROUND));
                 self.phase = Phase::Idle;
             }
             _ => {}
@@ -278,5 +306,32 @@ mod tests {
             .collect();
         let decided = run(&mut px, first, &[PeerId(3), PeerId(4), PeerId(5)]);
         assert!(decided.iter().all(Option::is_none));
+    }
+
+    #[test]
+    fn votes_from_a_peer_with_another_n_and_absurd_ballots_are_ignored() {
+        let mut a = Paxos::new(PeerId(1), 3, AcceptorState::default());
+        let ids = [PeerId(1), PeerId(2)];
+        let prepare = PaxosMessage::Prepare {
+            ballot: Ballot {
+                round: 1,
+                proposer: PeerId(2),
+            },
+            n: 5,
+        };
+        let step = a.handle(PeerId(2), prepare, &ids, &ids);
+        assert_eq!(step.mismatched_n, Some(5));
+        assert!(step.send.is_empty() && step.persist.is_none());
+        let absurd = PaxosMessage::Prepare {
+            ballot: Ballot {
+                round: u64::MAX,
+                proposer: PeerId(2),
+            },
+            n: 3,
+        };
+        let step = a.handle(PeerId(2), absurd, &ids, &ids);
+        assert!(step.send.is_empty() && step.persist.is_none());
+        // Proposing still works afterwards.
+        assert!(!a.propose(&ids).send.is_empty());
     }
 }

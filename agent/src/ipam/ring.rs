@@ -34,8 +34,14 @@ pub struct Conflict {
     pub dropped: PeerId,
 }
 
+/// Versions at or above this are corrupt input: no honest peer gets there, and refusing
+/// them keeps every `+ 1` below from overflowing.
+pub const MAX_VERSION: u64 = u64::MAX / 2;
+
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum RingError {
+    #[error("entry version {0} is beyond any real history")]
+    AbsurdVersion(u64),
     #[error("entry {0} lies outside the cluster range {1}")]
     OutsideRange(String, Block),
     #[error("entry {block} is smaller than the minimum block /{min}")]
@@ -173,6 +179,9 @@ impl RangeRing {
                 block: b.to_string(),
                 min: self.min_prefix,
             });
+        }
+        if e.version >= MAX_VERSION {
+            return Err(RingError::AbsurdVersion(e.version));
         }
         Ok(b)
     }

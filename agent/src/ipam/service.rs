@@ -127,6 +127,7 @@ impl IpamService {
         let mut writes = Vec::new();
         let mut sends = Vec::new();
         let mut progress = false;
+        let mut answers = Vec::new();
         for o in outputs {
             match o {
                 IpamOutput::Persist(w) => writes.push(w),
@@ -137,9 +138,10 @@ impl IpamService {
                         IpamEvent::Split { .. }
                             | IpamEvent::SpaceGranted { .. }
                             | IpamEvent::SpaceDenied { .. }
+                            | IpamEvent::SpaceRequestTimedOut { .. }
                             | IpamEvent::Reclaimed { .. }
                     );
-                    self.answer_reclaim(&e);
+                    answers.push(e.clone());
                     self.metrics
                         .ipam_events
                         .get_or_create(&EventLabel {
@@ -152,6 +154,10 @@ impl IpamService {
         }
         // One transaction, committed before any message of this step leaves.
         self.store.apply_ipam(&self.range_text, &writes)?;
+        // Reclaim callers hear of the outcome only once it is on disk.
+        for e in &answers {
+            self.answer_reclaim(e);
+        }
         Ok((sends, progress))
     }
 
@@ -292,6 +298,8 @@ impl IpamService {
         reply: ReclaimReply,
     ) -> Result<Sends, StoreError> {
         let (result, out) = self.core.reclaim(now, &name);
+        // Commit first: the operator is told only what is on disk.
+        let (sends, _) = self.carry_out(out)?;
         match result {
             Ok(ReclaimStart::Done { addresses }) => {
                 let message = format!("{addresses} addresses of {name} now belong to this node");
@@ -313,7 +321,6 @@ impl IpamService {
                 }));
             }
         }
-        let (sends, _) = self.carry_out(out)?;
         Ok(sends)
     }
 
@@ -466,6 +473,7 @@ fn event_name(e: &IpamEvent) -> &'static str {
         IpamEvent::SpaceGranted { .. } => "space_granted",
         IpamEvent::SpaceDenied { .. } => "space_denied",
         IpamEvent::SpaceRequested { .. } => "space_requested",
+        IpamEvent::SpaceRequestTimedOut { .. } => "space_request_timed_out",
         IpamEvent::Conflict { .. } => "conflict",
         IpamEvent::Incompatible { .. } => "refused_peer",
         IpamEvent::BadEntry { .. } => "bad_entry",
@@ -512,6 +520,9 @@ fn log_event(core: &IpamCore, e: IpamEvent) {
         }
         IpamEvent::BadEntry { peer, reason } => {
             tracing::warn!(peer = %peer, reason = %reason, "rejected a ring entry")
+        }
+        IpamEvent::SpaceRequestTimedOut { to } => {
+            tracing::info!(peer = %to, "a space request went unanswered; trying another peer")
         }
         IpamEvent::Reclaimed { dead, to, .. } => tracing::info!(
             dead = %dead, name = %core.name_of(dead), to = %to, "reclaimed a dead peer's address space"

@@ -131,6 +131,10 @@ pub enum IpamEvent {
         peer: PeerId,
         reason: String,
     },
+    /// A space request went unanswered; the donor is skipped for a while.
+    SpaceRequestTimedOut {
+        to: PeerId,
+    },
     /// A dead peer's space moved to `to` (id 0 when decided here as coordinator).
     Reclaimed {
         id: u64,
@@ -176,6 +180,8 @@ struct PeerState {
     /// Free addresses the peer last told us about.
     free: Option<u64>,
     incompatible: Option<String>,
+    /// The peer votes with another `consensus=N`; its Paxos messages are ignored.
+    consensus_mismatch: Option<String>,
 }
 
 struct SpaceRequest {
@@ -246,6 +252,7 @@ impl IpamCore {
                 up: true,
                 free: None,
                 incompatible: None,
+                consensus_mismatch: None,
             },
         );
         IpamCore {
@@ -405,6 +412,7 @@ impl IpamCore {
                 up: p.up,
                 free: None,
                 incompatible: None,
+                consensus_mismatch: None,
             });
             entry.name = p.name;
             entry.up = p.up;
@@ -416,7 +424,12 @@ impl IpamCore {
     fn on_timer(&mut self, now: Instant) {
         if self.request.as_ref().is_some_and(|r| now >= r.deadline) {
             if let Some(r) = self.request.take() {
+                // Treated like a denial, and reported, so waiting callers try another donor now.
                 self.denied.insert(r.to, now);
+                self.out
+                    .push(IpamOutput::Event(IpamEvent::SpaceRequestTimedOut {
+                        to: r.to,
+                    }));
             }
         }
         self.denied
@@ -506,8 +519,12 @@ impl IpamCore {
             }
             IpamMessage::SpaceGrant { id, entries } => {
                 self.merge_entries(now, from, &entries);
-                if self.request.as_ref().is_some_and(|r| r.id == id) {
-                    self.request = None;
+                // A grant that arrives after we gave up on it still brings space: report it.
+                let ours = entries.iter().any(|e| e.owner == self.me);
+                if self.request.as_ref().is_some_and(|r| r.id == id) || ours {
+                    if self.request.as_ref().is_some_and(|r| r.id == id) {
+                        self.request = None;
+                    }
                     let block = entries.first().map_or_else(String::new, |e| {
                         Block {
                             start: e.start,
@@ -540,6 +557,24 @@ impl IpamCore {
                 let peers = self.up_peers();
                 if let Some(paxos) = self.paxos.as_mut() {
                     let step = paxos.handle(from, m, &peers, &peers);
+                    if let Some(theirs) = step.mismatched_n {
+                        let ours = match self.cfg.init {
+                            InitMode::Consensus(n) => n,
+                            InitMode::Seed(_) => 0,
+                        };
+                        let reason = format!(
+                            "it runs --ipalloc-init consensus={theirs}, this node consensus={ours}: give every initial peer the same N"
+                        );
+                        // Only its votes are ignored: once a ring exists it is merged as usual.
+                        if let Some(p) = self.peers.get_mut(&from) {
+                            p.consensus_mismatch = Some(reason.clone());
+                        }
+                        self.out.push(IpamOutput::Event(IpamEvent::Incompatible {
+                            peer: from,
+                            reason,
+                        }));
+                        return;
+                    }
                     self.apply_paxos(now, step);
                 }
             }
