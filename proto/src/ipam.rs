@@ -79,9 +79,11 @@ pub enum IpamMessage {
     },
     Paxos(PaxosMessage),
     /// Ask the reclaim coordinator to move a dead peer's blocks to the sender.
+    /// `force`: the operator asserts that down anchor owners are gone for good.
     ReclaimRequest {
         id: u64,
         dead: PeerId,
+        force: bool,
     },
     ReclaimGranted {
         id: u64,

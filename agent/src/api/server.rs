@@ -11,7 +11,7 @@ use std::time::Duration;
 use anyhow::{bail, Context, Result};
 use axum::body::Bytes;
 use axum::extract::Path as UrlPath;
-use axum::extract::State;
+use axum::extract::{Query, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{delete, get, post};
@@ -175,11 +175,21 @@ async fn delete_allocation(
     }
 }
 
-/// `meshctl rmpeer NAME`: moves a dead peer's address space to this node.
-async fn reclaim_peer(State(s): State<ApiState>, UrlPath(name): UrlPath<String>) -> Response {
+#[derive(serde::Deserialize)]
+struct ReclaimQuery {
+    force: Option<bool>,
+}
+
+/// `meshctl rmpeer [--force] NAME`: moves a dead peer's address space to this node.
+async fn reclaim_peer(
+    State(s): State<ApiState>,
+    UrlPath(name): UrlPath<String>,
+    Query(q): Query<ReclaimQuery>,
+) -> Response {
+    let force = q.force.unwrap_or(false);
     match ask(
         &s,
-        |reply| ApiRequest::Reclaim { name, reply },
+        |reply| ApiRequest::Reclaim { name, force, reply },
         ALLOCATION_TIMEOUT,
     )
     .await

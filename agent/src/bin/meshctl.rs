@@ -53,6 +53,9 @@ enum Command {
     Rmpeer {
         /// The peer's name (or id).
         name: String,
+        /// Also skip reclaim coordinators this node sees down (only when they are gone for good too).
+        #[arg(long)]
+        force: bool,
     },
 }
 
@@ -102,8 +105,9 @@ async fn run(cli: Cli) -> Result<String, ClientError> {
     let s = &cli.socket;
     match cli.command {
         Command::Report => json(&client::get_json::<Report>(s, "/v1/report").await?),
-        Command::Rmpeer { name } => {
-            let path = format!("/v1/peers/{}", client::path_segment(&name));
+        Command::Rmpeer { name, force } => {
+            let query = if force { "?force=true" } else { "" };
+            let path = format!("/v1/peers/{}{query}", client::path_segment(&name));
             let answer: ReclaimResponse = client::send_json(s, "DELETE", &path).await?;
             Ok(format!("{}\n", answer.message))
         }

@@ -295,9 +295,10 @@ impl IpamService {
         &mut self,
         now: Instant,
         name: String,
+        force: bool,
         reply: ReclaimReply,
     ) -> Result<Sends, StoreError> {
-        let (result, out) = self.core.reclaim(now, &name);
+        let (result, out) = self.core.reclaim(now, &name, force);
         // Commit first: the operator is told only what is on disk.
         let (sends, _) = self.carry_out(out)?;
         match result {

@@ -54,6 +54,7 @@ pub enum ApiRequest {
     /// `meshctl rmpeer NAME`.
     Reclaim {
         name: String,
+        force: bool,
         reply: ReclaimReply,
     },
 }

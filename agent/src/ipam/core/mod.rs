@@ -510,7 +510,9 @@ impl IpamCore {
                 self.send(from, IpamMessage::Entries { entries });
             }
             IpamMessage::SpaceRequest { id } => self.on_space_request(from, id),
-            IpamMessage::ReclaimRequest { id, dead } => self.on_reclaim_request(from, id, dead),
+            IpamMessage::ReclaimRequest { id, dead, force } => {
+                self.on_reclaim_request(from, id, dead, force)
+            }
             IpamMessage::ReclaimGranted { id, entries } => {
                 self.on_reclaim_answer(now, from, id, Ok(entries))
             }

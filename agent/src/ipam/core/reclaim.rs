@@ -47,12 +47,14 @@ impl IpamCore {
         self.anchors().iter().any(|a| b.contains_addr(*a))
     }
 
-    /// Who decides reclaims of `dead`, as this node sees the ring.
-    pub fn coordinator_for(&self, dead: PeerId) -> Option<PeerId> {
+    /// Who decides reclaims of `dead`, as this node sees the ring. With `force`, anchor
+    /// owners this node believes down are skipped too: the operator asserts they are gone
+    /// (the escape from two dead peers being each other's coordinator).
+    pub fn coordinator_for(&self, dead: PeerId, force: bool) -> Option<PeerId> {
         self.anchors()
             .iter()
             .filter_map(|a| self.ring.owner_of(*a).map(|(_, o)| o.owner))
-            .find(|o| *o != dead && *o != NOBODY)
+            .find(|o| *o != dead && *o != NOBODY && (!force || *o == self.me || self.is_up(*o)))
     }
 
     fn find_peer(&self, name: &str) -> Option<PeerId> {
@@ -67,28 +69,41 @@ impl IpamCore {
             })
     }
 
-    /// `meshctl rmpeer NAME` on this node: move NAME's blocks here.
+    /// `meshctl rmpeer [--force] NAME` on this node: move NAME's blocks here.
     pub fn reclaim(
         &mut self,
         now: Instant,
         name: &str,
+        force: bool,
     ) -> (Result<ReclaimStart, String>, Vec<IpamOutput>) {
-        let result = self.reclaim_inner(now, name);
+        let result = self.reclaim_inner(now, name, force);
         (result, std::mem::take(&mut self.out))
     }
 
-    fn reclaim_inner(&mut self, now: Instant, name: &str) -> Result<ReclaimStart, String> {
+    fn reclaim_inner(
+        &mut self,
+        now: Instant,
+        name: &str,
+        force: bool,
+    ) -> Result<ReclaimStart, String> {
         let dead = self
             .find_peer(name)
             .ok_or_else(|| format!("no peer named {name:?} is known to this node"))?;
         if dead == self.me {
             return Err("a node cannot reclaim its own space".into());
         }
-        let coordinator = self.coordinator_for(dead).ok_or_else(|| {
+        let coordinator = self.coordinator_for(dead, force).ok_or_else(|| {
             format!("{name} owns every anchor of the range; no peer can decide its reclaim")
         })?;
+        if coordinator != self.me && !self.is_up(coordinator) {
+            let who = self.name_of(coordinator);
+            return Err(format!(
+                "the reclaim coordinator for {name} is {who}, which is down: reclaim {who} first, or if both are gone \
+                 for good run 'meshctl rmpeer --force {name}'"
+            ));
+        }
         if coordinator == self.me {
-            let entries = self.decide(self.me, dead)?;
+            let entries = self.decide(self.me, dead, force)?;
             let addresses = entries
                 .iter()
                 .map(|e| {
@@ -111,14 +126,14 @@ impl IpamCore {
             dead,
             deadline: now + RECLAIM_TIMEOUT,
         });
-        self.send(coordinator, IpamMessage::ReclaimRequest { id, dead });
+        self.send(coordinator, IpamMessage::ReclaimRequest { id, dead, force });
         Ok(ReclaimStart::Asked { id, coordinator })
     }
 
     /// The coordinator's decision: moves `dead`'s blocks to `to`, stores and floods it.
-    fn decide(&mut self, to: PeerId, dead: PeerId) -> Result<Vec<RingEntry>, String> {
+    fn decide(&mut self, to: PeerId, dead: PeerId, force: bool) -> Result<Vec<RingEntry>, String> {
         let dead_name = self.name_of(dead);
-        if self.coordinator_for(dead) != Some(self.me) {
+        if self.coordinator_for(dead, force) != Some(self.me) {
             return Err(format!("this node is not the reclaim coordinator for {dead_name}; retry once the ring has settled"));
         }
         if self.is_up(dead) {
@@ -161,8 +176,8 @@ impl IpamCore {
         Ok(entries)
     }
 
-    pub(super) fn on_reclaim_request(&mut self, from: PeerId, id: u64, dead: PeerId) {
-        match self.decide(from, dead) {
+    pub(super) fn on_reclaim_request(&mut self, from: PeerId, id: u64, dead: PeerId, force: bool) {
+        match self.decide(from, dead, force) {
             Ok(entries) => self.send(from, IpamMessage::ReclaimGranted { id, entries }),
             Err(reason) => self.send(from, IpamMessage::ReclaimRefused { id, reason }),
         }
@@ -206,5 +221,63 @@ impl IpamCore {
                 reason,
             }));
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::{InitMode, IpamConfig, IpamCore, IpamInput, PeerInfo, Restored};
+    use super::*;
+
+    fn peers(up: [bool; 3]) -> Vec<PeerInfo> {
+        ["a", "b", "c"]
+            .iter()
+            .enumerate()
+            .map(|(i, n)| PeerInfo {
+                id: PeerId(i as u64 + 1),
+                name: n.to_string(),
+                up: up[i],
+            })
+            .collect()
+    }
+
+    #[test]
+    fn two_dead_coordinators_need_force_and_then_one_node_takes_over() {
+        let t0 = Instant::now();
+        let range: Block = "10.32.0.0/24".parse().unwrap();
+        let mut cfg = IpamConfig::new(
+            range,
+            InitMode::Seed(vec!["a".into(), "b".into(), "c".into()]),
+        );
+        cfg.min_prefix = 28;
+        let mut b = IpamCore::new(cfg, PeerId(2), "b", Restored::default(), t0);
+        b.handle(
+            t0,
+            IpamInput::Topology {
+                peers: peers([true; 3]),
+                neighbours: vec![PeerId(1), PeerId(3)],
+            },
+        );
+        assert!(b.ring().is_split());
+        // a and c hold the first and last anchors; both die.
+        b.handle(
+            t0,
+            IpamInput::Topology {
+                peers: peers([false, true, false]),
+                neighbours: vec![],
+            },
+        );
+        let (r, _) = b.reclaim(t0, "a", false);
+        let err = r.unwrap_err();
+        assert!(err.contains("--force"), "{err}");
+        let (r, out) = b.reclaim(t0, "a", true);
+        assert!(matches!(r, Ok(ReclaimStart::Done { .. })), "{r:?}");
+        assert!(
+            matches!(out.first(), Some(IpamOutput::Persist(_))),
+            "the decision is stored first"
+        );
+        assert!(b.ring().blocks_of(PeerId(1)).is_empty());
+        let (r, _) = b.reclaim(t0, "a", true);
+        assert!(r.unwrap_err().contains("already reclaimed"));
     }
 }

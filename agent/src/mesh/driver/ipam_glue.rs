@@ -97,8 +97,8 @@ impl Driver {
             ApiRequest::IpamStatus(reply) => {
                 let _ = reply.send(self.ipam.status());
             }
-            ApiRequest::Reclaim { name, reply } => {
-                let result = self.ipam.reclaim(now, name, reply);
+            ApiRequest::Reclaim { name, force, reply } => {
+                let result = self.ipam.reclaim(now, name, force, reply);
                 self.after_ipam(result, now);
             }
         }
