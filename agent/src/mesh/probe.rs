@@ -150,11 +150,18 @@ impl MeshCore {
         };
         p.indirect_sent = true;
         let (target, seq) = (p.target, p.seq);
-        let relays: Vec<PeerId> = self
-            .partners()
-            .into_iter()
-            .filter(|id| *id != target)
-            .collect();
+        // Relays may also be peers linked to us from their side: a rare PingReq over an
+        // existing link costs nothing and keeps no link alive (links close by role).
+        let mut relays: Vec<PeerId> = self.partners();
+        relays.extend(
+            self.connected
+                .keys()
+                .copied()
+                .filter(|id| self.view.get(id).is_some_and(|m| m.is_up())),
+        );
+        relays.sort_unstable();
+        relays.dedup();
+        relays.retain(|id| *id != target);
         let relays: Vec<PeerId> = relays
             .choose_multiple(&mut self.rng, self.cfg.indirect_probes)
             .copied()
