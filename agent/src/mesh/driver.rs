@@ -8,17 +8,17 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use mesh_proto::api::{ConnectionsResponse, PeersResponse, Report};
-use mesh_proto::gossip::{GossipMessage, Liveness};
+use mesh_proto::api::Report;
+use mesh_proto::gossip::GossipMessage;
 use mesh_proto::wire::{self, Frame};
 use mesh_proto::{PeerId, PeerRecord};
 use tokio::sync::{mpsc, oneshot, watch};
 use tracing::{debug, info, warn};
 
-use super::core::{Input, MeshCore, MeshEvent, Output};
+use super::core::{Input, MeshCore, Output};
 use super::links::{preferred_dialer, DialRole, Link, Links};
-use super::status::{self, StaticInfo};
-use crate::api::metrics::{DirectionLabel, EventLabel, GossipLabel, Metrics, StateLabel};
+use super::status::StaticInfo;
+use crate::api::metrics::{DirectionLabel, GossipLabel, Metrics};
 use crate::ipam::allocations::AttachmentKey;
 use crate::ipam::core::IpamInput;
 use crate::ipam::service::{AllocationReply, ApiFailure, IpamService, ReclaimReply};
@@ -277,64 +277,6 @@ impl Driver {
         self.dial_due(now);
     }
 
-    fn on_event(&mut self, e: MeshEvent) {
-        let label = |event: &'static str| EventLabel { event };
-        match e {
-            MeshEvent::StateChanged {
-                peer,
-                name,
-                from,
-                to,
-            } => {
-                let event = match to {
-                    Liveness::Alive => "alive",
-                    Liveness::Suspect => "suspect",
-                    Liveness::Dead => "dead",
-                    Liveness::Left => "left",
-                };
-                self.metrics
-                    .detector_events
-                    .get_or_create(&label(event))
-                    .inc();
-                let from = from.map_or("unknown", Liveness::as_str);
-                info!(peer = %peer, name = %name, from, to = to.as_str(), "peer state changed");
-            }
-            MeshEvent::Refuted { incarnation } => {
-                self.metrics
-                    .detector_events
-                    .get_or_create(&label("refuted"))
-                    .inc();
-                info!(incarnation, "refuted a suspicion about this node");
-            }
-            MeshEvent::ProbeFailed { peer } => {
-                self.metrics
-                    .detector_events
-                    .get_or_create(&label("probe_failed"))
-                    .inc();
-                debug!(peer = %peer, "probe failed");
-            }
-            MeshEvent::IndirectProbe { peer } => {
-                self.metrics
-                    .detector_events
-                    .get_or_create(&label("indirect_probe"))
-                    .inc();
-                debug!(peer = %peer, "direct probe late; probing through relays");
-            }
-            MeshEvent::Forgotten { peer } => debug!(peer = %peer, "forgot a long-dead peer"),
-            MeshEvent::IdCollision { name, addresses } => {
-                self.metrics
-                    .detector_events
-                    .get_or_create(&label("id_collision"))
-                    .inc();
-                tracing::error!(
-                    other_name = %name,
-                    other_addresses = ?addresses,
-                    "another node gossips our peer id: was this node's state dir copied? give one of them a fresh --state-dir"
-                );
-            }
-        }
-    }
-
     fn on_transport(&mut self, ev: TransportEvent) {
         let now = Instant::now();
         match ev {
@@ -572,56 +514,6 @@ impl Driver {
         self.update_gauges(now);
     }
 
-    fn update_gauges(&self, now: Instant) {
-        self.ipam.update_gauges();
-        let report = self.report(now);
-        self.metrics.connections.clear();
-        for (state, n) in &report.status.connections {
-            self.metrics
-                .connections
-                .get_or_create(&StateLabel {
-                    state: state.clone(),
-                })
-                .set(*n as i64);
-        }
-        self.metrics.peers.clear();
-        for (state, n) in &report.status.peer_states {
-            self.metrics
-                .peers
-                .get_or_create(&StateLabel {
-                    state: state.clone(),
-                })
-                .set(*n as i64);
-        }
-    }
-
-    fn report(&self, now: Instant) -> Report {
-        let names = |p: &PeerId| self.core.member(p).map(|m| m.record.name.clone());
-        let connections = ConnectionsResponse {
-            connections: self.links.views(names, &self.cfg.info.dataplane, now),
-        };
-        let peers = PeersResponse {
-            peers: status::peer_views(&self.core, now),
-        };
-        let has_targets = !self.cfg.persistent_peers.is_empty();
-        let ready = !has_targets || !self.links.links.is_empty();
-        let status = status::summary(
-            &self.core,
-            &self.cfg.info,
-            &connections,
-            ready,
-            now.duration_since(self.started),
-        );
-        let mut status = status;
-        let ipam = self.ipam.status();
-        status.ipam.status = ipam.status;
-        Report {
-            status,
-            peers,
-            connections,
-        }
-    }
-
     fn on_api(&mut self, req: ApiRequest) {
         match req {
             ApiRequest::Report(reply) => {
@@ -633,3 +525,4 @@ impl Driver {
 }
 
 mod ipam_glue;
+mod reporting;

@@ -8,10 +8,10 @@
 //! - Ring changes flood to mesh neighbours as deltas; an anti-entropy round every few
 //!   seconds compares hashes and pulls the whole ring on a mismatch.
 //! - A node out of space asks the peer with the most free space; the donor hands over a
-//!   fully free aligned block of at most half its free space (`donation.rs`).
+//!   fully free aligned block of at most half its free space (`space.rs`).
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use mesh_proto::ipam::{IpamMessage, RingEntry};
 use mesh_proto::PeerId;
@@ -21,158 +21,23 @@ use rand::SeedableRng;
 
 use super::allocations::{AllocError, Allocation, AllocationTable, AttachmentKey};
 use super::block::Block;
-use super::paxos::{AcceptorState, Paxos, Step};
+use super::paxos::Paxos;
 use super::ring::RangeRing;
 
+mod first_split;
 mod reclaim;
+mod space;
+mod types;
 
+use first_split::seed_hash;
 pub use reclaim::ReclaimStart;
+pub use types::{
+    AllocateError, InitMode, IpamConfig, IpamEvent, IpamInput, IpamOutput, IpamWrite, PeerInfo,
+    Restored,
+};
 
 /// The key under which the node's gateway (bridge) address is reserved.
 pub const GATEWAY_CONTAINER: &str = "_gateway";
-
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum InitMode {
-    /// Agreement among a quorum of the first N peers.
-    Consensus(usize),
-    /// Every peer is given the same list of names.
-    Seed(Vec<String>),
-}
-
-#[derive(Clone, Debug)]
-pub struct IpamConfig {
-    pub range: Block,
-    pub min_prefix: u8,
-    pub init: InitMode,
-    pub anti_entropy_interval: Duration,
-    /// How long a space request may stay unanswered before another donor is tried.
-    pub request_timeout: Duration,
-    /// How long a donor that said no is left alone.
-    pub denial_backoff: Duration,
-    pub seed: u64,
-}
-
-impl IpamConfig {
-    pub fn new(range: Block, init: InitMode) -> IpamConfig {
-        IpamConfig {
-            range,
-            min_prefix: 26,
-            init,
-            anti_entropy_interval: Duration::from_secs(3),
-            request_timeout: Duration::from_secs(2),
-            denial_backoff: Duration::from_secs(10),
-            seed: 0,
-        }
-    }
-}
-
-/// A peer as the mesh sees it.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct PeerInfo {
-    pub id: PeerId,
-    pub name: String,
-    pub up: bool,
-}
-
-#[derive(Clone, Debug)]
-pub enum IpamInput {
-    Message {
-        from: PeerId,
-        msg: IpamMessage,
-    },
-    /// The mesh's current view: every known peer, and our neighbours (delta targets).
-    Topology {
-        peers: Vec<PeerInfo>,
-        neighbours: Vec<PeerId>,
-    },
-    Timer,
-}
-
-/// A durable change; must be committed before anything after it leaves the node.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum IpamWrite {
-    /// The whole ring (canonical entries).
-    Ring(Vec<RingEntry>),
-    Acceptor(AcceptorState),
-    Allocate(Allocation),
-    Release(AttachmentKey),
-}
-
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum IpamEvent {
-    /// The ring was split for the first time among these peers.
-    Split {
-        members: usize,
-    },
-    /// Space arrived from a donor: pending allocations can be retried.
-    SpaceGranted {
-        from: PeerId,
-        block: String,
-    },
-    SpaceDenied {
-        from: PeerId,
-    },
-    SpaceRequested {
-        to: PeerId,
-    },
-    /// Two owners claimed one block at one version; resolved the same way everywhere.
-    Conflict {
-        block: String,
-        kept: PeerId,
-        dropped: PeerId,
-    },
-    /// A peer's IPAM state is incompatible with ours (e.g. another seed list); ignored.
-    Incompatible {
-        peer: PeerId,
-        reason: String,
-    },
-    /// A peer sent ring entries we could not accept.
-    BadEntry {
-        peer: PeerId,
-        reason: String,
-    },
-    /// A space request went unanswered; the donor is skipped for a while.
-    SpaceRequestTimedOut {
-        to: PeerId,
-    },
-    /// A dead peer's space moved to `to` (id 0 when decided here as coordinator).
-    Reclaimed {
-        id: u64,
-        dead: PeerId,
-        to: PeerId,
-    },
-    ReclaimRefused {
-        id: u64,
-        reason: String,
-    },
-}
-
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum IpamOutput {
-    Send { to: PeerId, msg: IpamMessage },
-    Persist(IpamWrite),
-    Event(IpamEvent),
-}
-
-#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
-pub enum AllocateError {
-    /// No ring yet; the text says why (e.g. awaiting consensus).
-    #[error("IPAM not ready: {0}")]
-    NotReady(String),
-    /// Space was requested from a peer; try again shortly.
-    #[error("waiting for address space from {0}")]
-    Waiting(String),
-    #[error("range {0} is exhausted: no free address on this node and no reachable peer with free space")]
-    Exhausted(Block),
-}
-
-/// What a restarted node read back from its store.
-#[derive(Clone, Debug, Default)]
-pub struct Restored {
-    pub ring: Vec<RingEntry>,
-    pub acceptor: AcceptorState,
-    pub allocations: Vec<Allocation>,
-}
 
 struct PeerState {
     name: String,
@@ -207,20 +72,6 @@ pub struct IpamCore {
     proposal_armed: bool,
     rng: StdRng,
     out: Vec<IpamOutput>,
-}
-
-fn seed_hash(names: &[String]) -> u64 {
-    let mut sorted = names.to_vec();
-    sorted.sort();
-    sorted.dedup();
-    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-    for n in sorted {
-        for b in n.bytes().chain(std::iter::once(0)) {
-            h ^= u64::from(b);
-            h = h.wrapping_mul(0x0000_0100_0000_01b3);
-        }
-    }
-    h
 }
 
 impl IpamCore {
@@ -642,78 +493,6 @@ impl IpamCore {
         }
     }
 
-    fn try_first_split(&mut self, now: Instant) {
-        if self.ring.is_split() {
-            return;
-        }
-        match self.cfg.init.clone() {
-            InitMode::Seed(names) => {
-                let mut ids = Vec::new();
-                for n in &names {
-                    match self.peers.iter().find(|(_, p)| &p.name == n) {
-                        Some((id, _)) => ids.push(*id),
-                        None => {
-                            self.next_proposal = now + Duration::from_secs(1);
-                            return;
-                        }
-                    }
-                }
-                let ring = RangeRing::initial_split(self.cfg.range, self.cfg.min_prefix, &ids);
-                self.merge_entries(now, self.me, &ring.entries());
-            }
-            InitMode::Consensus(_) => {
-                let up = self.up_peers();
-                let Some(paxos) = self.paxos.as_ref() else {
-                    return;
-                };
-                if up.len() < paxos.quorum() {
-                    self.proposal_armed = false;
-                    self.next_proposal = now + Duration::from_secs(1);
-                    return;
-                }
-                // Lowest id first; the others wait their turn so proposers rarely duel.
-                let rank = up.iter().position(|p| *p == self.me).unwrap_or(0) as u32;
-                let jitter =
-                    Duration::from_millis(rand::Rng::random_range(&mut self.rng, 0..500u64));
-                if !self.proposal_armed {
-                    self.proposal_armed = true;
-                    self.next_proposal = now + Duration::from_secs(2) * rank + jitter;
-                }
-                if now < self.next_proposal {
-                    return;
-                }
-                // If this round stalls (lost messages, a duel), try again later.
-                self.next_proposal = now + Duration::from_secs(2) * (rank + 1) + jitter;
-                if let Some(paxos) = self.paxos.as_mut() {
-                    let step = paxos.propose(&up);
-                    self.apply_paxos(now, step);
-                }
-            }
-        }
-    }
-
-    fn apply_paxos(&mut self, now: Instant, step: Step) {
-        if let Some(state) = step.persist {
-            self.out
-                .push(IpamOutput::Persist(IpamWrite::Acceptor(state)));
-        }
-        for (to, m) in step.send {
-            if to == self.me {
-                let peers = self.up_peers();
-                if let Some(paxos) = self.paxos.as_mut() {
-                    let inner = paxos.handle(self.me, m, &peers, &peers);
-                    self.apply_paxos(now, inner);
-                }
-            } else {
-                self.send(to, IpamMessage::Paxos(m));
-            }
-        }
-        if let Some(members) = step.decided {
-            let ring = RangeRing::initial_split(self.cfg.range, self.cfg.min_prefix, &members);
-            self.merge_entries(now, self.me, &ring.entries());
-        }
-    }
-
     fn ensure_gateway(&mut self) {
         if self.gateway().is_some() {
             return;
@@ -770,96 +549,6 @@ impl IpamCore {
             }
             Err(AllocError::NoSpace) => self.ask_for_space(now),
         }
-    }
-
-    fn ask_for_space(&mut self, now: Instant) -> Result<Allocation, AllocateError> {
-        if let Some(r) = &self.request {
-            return Err(AllocateError::Waiting(self.name_of(r.to)));
-        }
-        let shares = self.ring.shares();
-        let donor = self
-            .up_peers()
-            .into_iter()
-            .filter(|p| *p != self.me && !self.denied.contains_key(p))
-            .map(|p| {
-                let owned = shares.get(&p).copied().unwrap_or(0);
-                // What it told us, else what it owns (an upper bound).
-                let free = self
-                    .peers
-                    .get(&p)
-                    .and_then(|s| s.free)
-                    .unwrap_or(owned)
-                    .min(owned);
-                (free, p)
-            })
-            .filter(|(free, _)| *free > 0)
-            .max();
-        let Some((_, to)) = donor else {
-            return Err(AllocateError::Exhausted(self.cfg.range));
-        };
-        self.next_request_id += 1;
-        let id = self.next_request_id;
-        self.request = Some(SpaceRequest {
-            id,
-            to,
-            deadline: now + self.cfg.request_timeout,
-        });
-        self.out
-            .push(IpamOutput::Event(IpamEvent::SpaceRequested { to }));
-        self.send(to, IpamMessage::SpaceRequest { id });
-        Err(AllocateError::Waiting(self.name_of(to)))
-    }
-
-    fn on_space_request(&mut self, from: PeerId, id: u64) {
-        let Some(block) = self.donation() else {
-            self.send(from, IpamMessage::SpaceDenied { id });
-            return;
-        };
-        match self.ring.hand_over(self.me, block, from) {
-            Ok(entries) => {
-                // Committed before the grant (or any delta) leaves.
-                self.out
-                    .push(IpamOutput::Persist(IpamWrite::Ring(self.ring.entries())));
-                self.send(
-                    from,
-                    IpamMessage::SpaceGrant {
-                        id,
-                        entries: entries.clone(),
-                    },
-                );
-                self.flood(Some(from), entries);
-            }
-            Err(_) => self.send(from, IpamMessage::SpaceDenied { id }),
-        }
-    }
-
-    /// The block to give away: the largest fully free aligned block of ours that is at
-    /// most half our free space (and not below the minimum block size).
-    fn donation(&self) -> Option<Block> {
-        let free = self.free();
-        let reserved = self.reserved();
-        let min_prefix = self.ring.min_prefix();
-        let mut best: Option<Block> = None;
-        let mut stack = self.ring.blocks_of(self.me);
-        while let Some(b) = stack.pop() {
-            // Anchor blocks stay put: they locate the reclaim coordinator (reclaim.rs).
-            let untouched = self.allocs.used_in(b) == 0
-                && !reserved.iter().any(|a| b.contains_addr(*a))
-                && !self.holds_anchor(b);
-            if untouched && b.size() * 2 <= free {
-                if best.is_none_or(|x| {
-                    b.size() > x.size() || (b.size() == x.size() && b.start > x.start)
-                }) {
-                    best = Some(b);
-                }
-            } else if b.prefix < min_prefix {
-                if let Some((lo, hi)) = b.halves() {
-                    stack.push(lo);
-                    stack.push(hi);
-                }
-            }
-        }
-        best
     }
 
     /// Releases an allocation; unknown keys are fine (CNI DEL is idempotent).

@@ -1,0 +1,153 @@
+//! The IPAM core's vocabulary: configuration, inputs, outputs, events and errors.
+
+use std::time::Duration;
+
+use mesh_proto::ipam::{IpamMessage, RingEntry};
+use mesh_proto::PeerId;
+
+use crate::ipam::allocations::{Allocation, AttachmentKey};
+use crate::ipam::block::Block;
+use crate::ipam::paxos::AcceptorState;
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum InitMode {
+    /// Agreement among a quorum of the first N peers.
+    Consensus(usize),
+    /// Every peer is given the same list of names.
+    Seed(Vec<String>),
+}
+
+#[derive(Clone, Debug)]
+pub struct IpamConfig {
+    pub range: Block,
+    pub min_prefix: u8,
+    pub init: InitMode,
+    pub anti_entropy_interval: Duration,
+    /// How long a space request may stay unanswered before another donor is tried.
+    pub request_timeout: Duration,
+    /// How long a donor that said no is left alone.
+    pub denial_backoff: Duration,
+    pub seed: u64,
+}
+
+impl IpamConfig {
+    pub fn new(range: Block, init: InitMode) -> IpamConfig {
+        IpamConfig {
+            range,
+            min_prefix: 26,
+            init,
+            anti_entropy_interval: Duration::from_secs(3),
+            request_timeout: Duration::from_secs(2),
+            denial_backoff: Duration::from_secs(10),
+            seed: 0,
+        }
+    }
+}
+
+/// A peer as the mesh sees it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PeerInfo {
+    pub id: PeerId,
+    pub name: String,
+    pub up: bool,
+}
+
+#[derive(Clone, Debug)]
+pub enum IpamInput {
+    Message {
+        from: PeerId,
+        msg: IpamMessage,
+    },
+    /// The mesh's current view: every known peer, and our neighbours (delta targets).
+    Topology {
+        peers: Vec<PeerInfo>,
+        neighbours: Vec<PeerId>,
+    },
+    Timer,
+}
+
+/// A durable change; must be committed before anything after it leaves the node.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum IpamWrite {
+    /// The whole ring (canonical entries).
+    Ring(Vec<RingEntry>),
+    Acceptor(AcceptorState),
+    Allocate(Allocation),
+    Release(AttachmentKey),
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum IpamEvent {
+    /// The ring was split for the first time among these peers.
+    Split {
+        members: usize,
+    },
+    /// Space arrived from a donor: pending allocations can be retried.
+    SpaceGranted {
+        from: PeerId,
+        block: String,
+    },
+    SpaceDenied {
+        from: PeerId,
+    },
+    SpaceRequested {
+        to: PeerId,
+    },
+    /// Two owners claimed one block at one version; resolved the same way everywhere.
+    Conflict {
+        block: String,
+        kept: PeerId,
+        dropped: PeerId,
+    },
+    /// A peer's IPAM state is incompatible with ours (e.g. another seed list); ignored.
+    Incompatible {
+        peer: PeerId,
+        reason: String,
+    },
+    /// A peer sent ring entries we could not accept.
+    BadEntry {
+        peer: PeerId,
+        reason: String,
+    },
+    /// A space request went unanswered; the donor is skipped for a while.
+    SpaceRequestTimedOut {
+        to: PeerId,
+    },
+    /// A dead peer's space moved to `to` (id 0 when decided here as coordinator).
+    Reclaimed {
+        id: u64,
+        dead: PeerId,
+        to: PeerId,
+    },
+    ReclaimRefused {
+        id: u64,
+        reason: String,
+    },
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum IpamOutput {
+    Send { to: PeerId, msg: IpamMessage },
+    Persist(IpamWrite),
+    Event(IpamEvent),
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum AllocateError {
+    /// No ring yet; the text says why (e.g. awaiting consensus).
+    #[error("IPAM not ready: {0}")]
+    NotReady(String),
+    /// Space was requested from a peer; try again shortly.
+    #[error("waiting for address space from {0}")]
+    Waiting(String),
+    #[error("range {0} is exhausted: no free address on this node and no reachable peer with free space")]
+    Exhausted(Block),
+}
+
+/// What a restarted node read back from its store.
+#[derive(Clone, Debug, Default)]
+pub struct Restored {
+    pub ring: Vec<RingEntry>,
+    pub acceptor: AcceptorState,
+    pub allocations: Vec<Allocation>,
+}
