@@ -92,6 +92,11 @@ impl IpamCore {
         if dead == self.me {
             return Err("a node cannot reclaim its own space".into());
         }
+        if self.ring.blocks_of(dead).is_empty() {
+            return Err(format!(
+                "{name} owns no address space: it was already reclaimed (or never had any)"
+            ));
+        }
         let coordinator = self.coordinator_for(dead, force).ok_or_else(|| {
             format!("{name} owns every anchor of the range; no peer can decide its reclaim")
         })?;
@@ -133,15 +138,8 @@ impl IpamCore {
     /// The coordinator's decision: moves `dead`'s blocks to `to`, stores and floods it.
     fn decide(&mut self, to: PeerId, dead: PeerId, force: bool) -> Result<Vec<RingEntry>, String> {
         let dead_name = self.name_of(dead);
-        if self.coordinator_for(dead, force) != Some(self.me) {
-            return Err(format!("this node is not the reclaim coordinator for {dead_name}; retry once the ring has settled"));
-        }
-        if self.is_up(dead) {
-            return Err(format!("{dead_name} is alive as far as the coordinator can tell; rmpeer is for peers that are gone for good"));
-        }
-        if to != self.me && !self.is_up(to) {
-            return Err("the requesting node is not reachable from the coordinator".into());
-        }
+        // First: a peer that owns nothing was already reclaimed (perhaps a moment ago, which
+        // can also have moved the coordinator role along with an anchor block).
         let blocks: Vec<(Block, u64)> = self
             .ring
             .iter()
@@ -152,6 +150,15 @@ impl IpamCore {
             return Err(format!(
                 "{dead_name} owns no address space: it was already reclaimed"
             ));
+        }
+        if self.coordinator_for(dead, force) != Some(self.me) {
+            return Err(format!("this node is not the reclaim coordinator for {dead_name}; retry once the ring has settled"));
+        }
+        if self.is_up(dead) {
+            return Err(format!("{dead_name} is alive as far as the coordinator can tell; rmpeer is for peers that are gone for good"));
+        }
+        if to != self.me && !self.is_up(to) {
+            return Err("the requesting node is not reachable from the coordinator".into());
         }
         let entries: Vec<RingEntry> = blocks
             .iter()
