@@ -214,23 +214,40 @@ impl Paxos {
 mod tests {
     use super::*;
 
-    /// Delivers everything in FIFO order among `n` peers, dropping messages to `down`.
-    fn run(
-        paxos: &mut [Paxos],
-        first: Vec<(PeerId, PeerId, PaxosMessage)>,
+    /// `n` peers with ids 1..=n, all configured with `consensus=n`.
+    fn cluster(n: u64) -> (Vec<PeerId>, Vec<Paxos>) {
+        let ids: Vec<PeerId> = (1..=n).map(PeerId).collect();
+        let px = ids
+            .iter()
+            .map(|id| Paxos::new(*id, n as usize, AcceptorState::default()))
+            .collect();
+        (ids, px)
+    }
+
+    /// Peer `i` proposes, then everything is delivered in FIFO order (messages to `down` are
+    /// dropped); `free` is what proposers propose when nothing was accepted yet.
+    fn propose_and_run(
+        px: &mut [Paxos],
+        i: usize,
         down: &[PeerId],
+        free: &[PeerId],
     ) -> Vec<Option<Vec<PeerId>>> {
-        let ids: Vec<PeerId> = paxos.iter().map(|p| p.me).collect();
-        let mut decided = vec![None; paxos.len()];
-        let mut queue: std::collections::VecDeque<_> = first.into();
+        let ids: Vec<PeerId> = px.iter().map(|p| p.me).collect();
+        let step = px[i].propose(&ids);
+        let mut queue: std::collections::VecDeque<_> = step
+            .send
+            .into_iter()
+            .map(|(to, m)| (ids[i], to, m))
+            .collect();
+        let mut decided = vec![None; px.len()];
         while let Some((from, to, msg)) = queue.pop_front() {
             if down.contains(&to) {
                 continue;
             }
-            let i = ids.iter().position(|x| *x == to).unwrap();
-            let step = paxos[i].handle(from, msg, &ids, &ids);
+            let k = ids.iter().position(|x| *x == to).unwrap();
+            let step = px[k].handle(from, msg, &ids, free);
             if let Some(v) = step.decided {
-                decided[i] = Some(v);
+                decided[k] = Some(v);
             }
             queue.extend(step.send.into_iter().map(|(dst, m)| (to, dst, m)));
         }
@@ -239,72 +256,27 @@ mod tests {
 
     #[test]
     fn one_proposer_decides_its_value() {
-        let ids: Vec<PeerId> = (1..=3).map(PeerId).collect();
-        let mut px: Vec<Paxos> = ids
-            .iter()
-            .map(|id| Paxos::new(*id, 3, AcceptorState::default()))
-            .collect();
-        let step = px[0].propose(&ids);
-        let first = step
-            .send
-            .into_iter()
-            .map(|(to, m)| (ids[0], to, m))
-            .collect();
-        let decided = run(&mut px, first, &[]);
+        let (ids, mut px) = cluster(3);
+        let decided = propose_and_run(&mut px, 0, &[], &ids);
         assert_eq!(decided[0], Some(ids.clone()));
     }
 
     #[test]
     fn a_later_proposer_must_keep_an_accepted_value() {
-        let ids: Vec<PeerId> = (1..=3).map(PeerId).collect();
-        let mut px: Vec<Paxos> = ids
-            .iter()
-            .map(|id| Paxos::new(*id, 3, AcceptorState::default()))
-            .collect();
+        let (ids, mut px) = cluster(3);
         // Peer 1 gets value [1, 2] accepted by a quorum, then goes quiet.
-        let step = px[0].propose(&ids);
-        let first = step
-            .send
-            .into_iter()
-            .map(|(to, m)| (ids[0], to, m))
-            .collect();
-        let ids_small = vec![PeerId(1), PeerId(2)];
-        let mut queue: std::collections::VecDeque<(PeerId, PeerId, PaxosMessage)> = first;
-        let mut decided_first = None;
-        while let Some((from, to, msg)) = queue.pop_front() {
-            let i = ids.iter().position(|x| *x == to).unwrap();
-            let step = px[i].handle(from, msg, &ids, &ids_small);
-            if step.decided.is_some() {
-                decided_first = step.decided;
-            }
-            queue.extend(step.send.into_iter().map(|(dst, m)| (to, dst, m)));
-        }
-        assert_eq!(decided_first, Some(ids_small.clone()));
+        let small = vec![PeerId(1), PeerId(2)];
+        let decided = propose_and_run(&mut px, 0, &[], &small);
+        assert_eq!(decided[0], Some(small.clone()));
         // Peer 3 proposes everything it knows; it must still decide [1, 2].
-        let step = px[2].propose(&ids);
-        let first = step
-            .send
-            .into_iter()
-            .map(|(to, m)| (ids[2], to, m))
-            .collect();
-        let decided = run(&mut px, first, &[PeerId(1)]);
-        assert_eq!(decided[2], Some(ids_small));
+        let decided = propose_and_run(&mut px, 2, &[PeerId(1)], &ids);
+        assert_eq!(decided[2], Some(small));
     }
 
     #[test]
     fn no_quorum_no_decision() {
-        let ids: Vec<PeerId> = (1..=5).map(PeerId).collect();
-        let mut px: Vec<Paxos> = ids
-            .iter()
-            .map(|id| Paxos::new(*id, 5, AcceptorState::default()))
-            .collect();
-        let step = px[0].propose(&ids);
-        let first = step
-            .send
-            .into_iter()
-            .map(|(to, m)| (ids[0], to, m))
-            .collect();
-        let decided = run(&mut px, first, &[PeerId(3), PeerId(4), PeerId(5)]);
+        let (ids, mut px) = cluster(5);
+        let decided = propose_and_run(&mut px, 0, &[PeerId(3), PeerId(4), PeerId(5)], &ids);
         assert!(decided.iter().all(Option::is_none));
     }
 
