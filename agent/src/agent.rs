@@ -15,18 +15,21 @@ use crate::ipam;
 use crate::ipam::block::Block;
 use crate::ipam::core::IpamConfig;
 use crate::ipam::service::IpamService;
-use crate::mesh::driver::{Driver, DriverConfig};
+use crate::mesh::driver::{Driver, DriverConfig, NodeNetLink};
 use crate::mesh::status::StaticInfo;
 use crate::mesh::{CoreConfig, MeshCore};
+use crate::netlink::Netlink;
+use crate::node_net::{self, BridgeSpec};
 use crate::store::Store;
 use crate::transport::tls::{self, Auth};
+use mesh_proto::api::NodeNetworkStatus;
 
 pub async fn run(cfg: AgentConfig) -> Result<()> {
     let resolved = cfg.resolve()?;
     if cfg.dataplane != Dataplane::None {
         warn!(
             dataplane = cfg.dataplane.as_str(),
-            "data-plane backends are not built yet; running the control plane only"
+            "cross-node backends are not built yet: pods on this node are attached through the bridge, traffic to other nodes is not carried"
         );
     }
     let auth = match resolved.secret.clone() {
@@ -93,7 +96,18 @@ pub async fn run(cfg: AgentConfig) -> Result<()> {
         .map_err(anyhow::Error::msg)?;
     let mut ipam_cfg = IpamConfig::new(range, init);
     ipam_cfg.seed = identity.peer_id.0;
-    let mtu = cfg.mtu.unwrap_or(1450);
+    let netlink = match cfg.dataplane {
+        Dataplane::None => None,
+        _ => Some(
+            Netlink::connect()
+                .context("cannot open netlink (the data plane needs root / CAP_NET_ADMIN)")?,
+        ),
+    };
+    let mtu = match (cfg.mtu, &netlink) {
+        (Some(m), _) => m,
+        (None, Some(nl)) => pod_mtu_from_underlay(nl, resolved.advertise.ip()).await,
+        (None, None) => DEFAULT_POD_MTU,
+    };
     let ipam = IpamService::new(
         ipam_cfg,
         identity.peer_id,
@@ -111,6 +125,36 @@ pub async fn run(cfg: AgentConfig) -> Result<()> {
         metrics.clone(),
         ipam,
     );
+
+    let (shutdown_tx, shutdown_rx) = watch::channel(false);
+    let driver = match netlink {
+        Some(nl) => {
+            let spec = BridgeSpec {
+                name: cfg.bridge.clone(),
+                mtu,
+                mac: node_net::bridge_mac(identity.peer_id.0),
+                gateway: None,
+                range,
+            };
+            if let Err(e) = node_net::enable_forwarding() {
+                warn!(error = %e, "cannot enable IPv4 forwarding; pods will not reach other nodes");
+            }
+            let (gateway_tx, gateway_rx) = watch::channel(None);
+            let (status_tx, status_rx) = watch::channel(NodeNetworkStatus::default());
+            tokio::spawn(node_net::run(
+                nl,
+                spec,
+                gateway_rx,
+                status_tx,
+                shutdown_rx.clone(),
+            ));
+            driver.with_node_network(NodeNetLink {
+                gateway: gateway_tx,
+                status: status_rx,
+            })
+        }
+        None => driver,
+    };
 
     let (api_tx, api_rx) = mpsc::channel(64);
     let api_listener = server::bind_socket(&cfg.socket).await?;
@@ -133,7 +177,6 @@ pub async fn run(cfg: AgentConfig) -> Result<()> {
         "mesh-agent started"
     );
 
-    let (shutdown_tx, shutdown_rx) = watch::channel(false);
     tokio::spawn(async move {
         wait_for_signal().await;
         let _ = shutdown_tx.send(true);
@@ -143,6 +186,30 @@ pub async fn run(cfg: AgentConfig) -> Result<()> {
     outcome.map_err(|e| anyhow::anyhow!("mesh-agent stopped: {e}"))?;
     info!("mesh-agent stopped");
     Ok(())
+}
+
+/// Pod MTU when none was given: VXLAN over IPv4 costs 50 bytes of the underlay's MTU.
+const DEFAULT_POD_MTU: u32 = 1450;
+const VXLAN_OVERHEAD: u32 = 50;
+
+async fn pod_mtu_from_underlay(nl: &Netlink, advertise: std::net::IpAddr) -> u32 {
+    let std::net::IpAddr::V4(ip) = advertise else {
+        return DEFAULT_POD_MTU;
+    };
+    match nl.link_with_address(ip).await {
+        Ok(Some(link)) if link.mtu > VXLAN_OVERHEAD + 576 => {
+            info!(underlay = %link.name, underlay_mtu = link.mtu, pod_mtu = link.mtu - VXLAN_OVERHEAD, "pod MTU from the underlay");
+            link.mtu - VXLAN_OVERHEAD
+        }
+        Ok(_) => {
+            warn!(advertise = %ip, pod_mtu = DEFAULT_POD_MTU, "no local interface holds the advertise address; assuming a 1500-byte underlay (set --mtu)");
+            DEFAULT_POD_MTU
+        }
+        Err(e) => {
+            warn!(error = %e, pod_mtu = DEFAULT_POD_MTU, "cannot read the underlay MTU (set --mtu)");
+            DEFAULT_POD_MTU
+        }
+    }
 }
 
 async fn wait_for_signal() {

@@ -85,6 +85,10 @@ pub struct AgentConfig {
     #[arg(long, env = "MESH_DATAPLANE", value_enum, default_value = "auto")]
     pub dataplane: Dataplane,
 
+    /// The node bridge pods attach to (mesh-cni's `bridge` key must name the same).
+    #[arg(long, env = "MESH_BRIDGE", default_value = "mesh0")]
+    pub bridge: String,
+
     /// VXLAN UDP port.
     #[arg(long, env = "MESH_VXLAN_PORT", default_value_t = 8472)]
     pub vxlan_port: u16,

@@ -8,5 +8,7 @@ pub mod cli_render;
 pub mod config;
 pub mod ipam;
 pub mod mesh;
+pub mod netlink;
+pub mod node_net;
 pub mod store;
 pub mod transport;

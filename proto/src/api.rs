@@ -37,6 +37,22 @@ pub struct StatusResponse {
     pub protocol: ProtocolRange,
     pub agent_version: String,
     pub uptime_seconds: u64,
+    /// The node bridge pods attach to; absent with `--dataplane none`.
+    #[serde(default)]
+    pub node_network: Option<NodeNetworkStatus>,
+}
+
+/// The node side of the pod network (`mesh0`).
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct NodeNetworkStatus {
+    pub bridge: String,
+    /// Bridge present, up, with the gateway address: pods can be attached.
+    pub ready: bool,
+    /// Gateway address with the range prefix, once IPAM gave this node space.
+    pub address: Option<String>,
+    pub mtu: u32,
+    /// Why it is not ready, in words.
+    pub problem: Option<String>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]

@@ -192,6 +192,12 @@ impl IpamService {
         self.handle(now, IpamInput::Topology { peers, neighbours })
     }
 
+    /// This node's gateway (the bridge address) with the range prefix, once it has space.
+    pub fn gateway(&self) -> Option<(Ipv4Addr, u8)> {
+        let prefix = self.core.ring().range().prefix;
+        self.core.gateway().map(|g| (Ipv4Addr::from(g), prefix))
+    }
+
     fn response(&self, a: &Allocation) -> AllocationResponse {
         let prefix = self.core.ring().range().prefix;
         let gateway = self

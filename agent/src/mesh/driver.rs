@@ -84,6 +84,14 @@ pub struct Driver {
     /// Set when the agent cannot go on safely (the store refused a write).
     pub(super) fatal: Option<String>,
     pub(super) ipam: IpamService,
+    /// The node bridge's side channel: the gateway goes out, its status comes back.
+    pub(super) node_net: Option<NodeNetLink>,
+}
+
+/// How the driver and the node bridge task talk (absent with `--dataplane none`).
+pub struct NodeNetLink {
+    pub gateway: watch::Sender<Option<(std::net::Ipv4Addr, u8)>>,
+    pub status: watch::Receiver<mesh_proto::api::NodeNetworkStatus>,
 }
 
 impl Driver {
@@ -124,7 +132,15 @@ impl Driver {
             started: now,
             fatal: None,
             ipam,
+            node_net: None,
         }
+    }
+
+    /// Connects the node bridge task: it learns the gateway from IPAM through this.
+    pub fn with_node_network(mut self, link: NodeNetLink) -> Driver {
+        link.gateway.send_replace(self.ipam.gateway());
+        self.node_net = Some(link);
+        self
     }
 
     /// Runs until `shutdown` fires, then leaves the mesh politely. Returns an error when the

@@ -41,6 +41,14 @@ impl Driver {
     fn after_ipam(&mut self, result: Result<Sends, StoreError>, now: Instant) {
         match result {
             Ok(sends) => {
+                if let Some(link) = &self.node_net {
+                    let gateway = self.ipam.gateway();
+                    link.gateway.send_if_modified(|g| {
+                        let changed = *g != gateway;
+                        *g = gateway;
+                        changed
+                    });
+                }
                 for (to, msg) in sends {
                     self.send_frame(to, &Frame::Ipam(msg), "ipam", now);
                 }

@@ -115,6 +115,7 @@ impl Driver {
         let mut status = status;
         let ipam = self.ipam.status();
         status.ipam.status = ipam.status;
+        status.node_network = self.node_net.as_ref().map(|l| l.status.borrow().clone());
         Report {
             status,
             peers,

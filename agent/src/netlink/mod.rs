@@ -1,0 +1,368 @@
+//! Thin helpers over rtnetlink shared by the agent (node bridge) and `mesh-cni` (veth pairs):
+//! a connection bound to one network namespace, link/address/route look-ups decoded into
+//! plain structs, and errno extraction so callers can tell "already gone" from failure.
+
+pub mod netns;
+
+use std::net::{IpAddr, Ipv4Addr};
+use std::path::Path;
+
+use futures::TryStreamExt;
+use netlink_packet_route::address::{AddressAttribute, AddressMessage};
+use netlink_packet_route::link::{InfoKind, LinkAttribute, LinkFlags, LinkInfo, LinkMessage};
+use netlink_packet_route::route::{RouteAddress, RouteAttribute, RouteMessage};
+use netlink_packet_route::AddressFamily;
+use rtnetlink::{Handle, RouteMessageBuilder};
+
+#[derive(Debug, thiserror::Error)]
+pub enum NetlinkError {
+    #[error("cannot open a netlink socket: {0}")]
+    Socket(std::io::Error),
+    #[error("cannot enter network namespace {path}: {source}")]
+    Netns {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("{what}: {source}")]
+    Request {
+        what: String,
+        source: rtnetlink::Error,
+    },
+}
+
+impl NetlinkError {
+    pub fn request(what: impl Into<String>) -> impl FnOnce(rtnetlink::Error) -> NetlinkError {
+        let what = what.into();
+        move |source| NetlinkError::Request { what, source }
+    }
+
+    /// The kernel's errno for a refused request (positive, e.g. `libc::EEXIST`).
+    pub fn errno(&self) -> Option<i32> {
+        match self {
+            NetlinkError::Request { source, .. } => errno(source),
+            NetlinkError::Netns { source, .. } | NetlinkError::Socket(source) => {
+                source.raw_os_error()
+            }
+        }
+    }
+}
+
+/// The positive errno of a netlink NACK.
+pub fn errno(e: &rtnetlink::Error) -> Option<i32> {
+    match e {
+        rtnetlink::Error::NetlinkError(m) => m.code.map(|c| -c.get()),
+        _ => None,
+    }
+}
+
+/// One link as the kernel reports it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Link {
+    pub index: u32,
+    pub name: String,
+    pub up: bool,
+    pub mtu: u32,
+    pub mac: Vec<u8>,
+    /// `bridge`, `veth`, … (None for plain devices such as `lo`).
+    pub kind: Option<String>,
+    /// The bridge this link is attached to.
+    pub controller: Option<u32>,
+}
+
+impl Link {
+    pub fn from_message(m: &LinkMessage) -> Link {
+        let mut link = Link {
+            index: m.header.index,
+            name: String::new(),
+            up: m.header.flags.contains(LinkFlags::Up),
+            mtu: 0,
+            mac: Vec::new(),
+            kind: None,
+            controller: None,
+        };
+        for a in &m.attributes {
+            match a {
+                LinkAttribute::IfName(n) => link.name = n.clone(),
+                LinkAttribute::Mtu(v) => link.mtu = *v,
+                LinkAttribute::Address(mac) => link.mac = mac.clone(),
+                LinkAttribute::Controller(c) => link.controller = Some(*c),
+                LinkAttribute::LinkInfo(infos) => {
+                    for i in infos {
+                        if let LinkInfo::Kind(k) = i {
+                            link.kind = Some(kind_name(k));
+                        }
+                    }
+                }
+                _ => {}
+            }
+        }
+        link
+    }
+
+    pub fn mac_string(&self) -> String {
+        format_mac(&self.mac)
+    }
+}
+
+fn kind_name(k: &InfoKind) -> String {
+    match k {
+        InfoKind::Bridge => "bridge".into(),
+        InfoKind::Veth => "veth".into(),
+        InfoKind::Vxlan => "vxlan".into(),
+        InfoKind::Tun => "tun".into(),
+        other => format!("{other:?}").to_lowercase(),
+    }
+}
+
+pub fn format_mac(mac: &[u8]) -> String {
+    mac.iter()
+        .map(|b| format!("{b:02x}"))
+        .collect::<Vec<_>>()
+        .join(":")
+}
+
+/// An IPv4 route in the main table, reduced to what we compare.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Route4 {
+    pub dst: Ipv4Addr,
+    pub prefix: u8,
+    pub gateway: Option<Ipv4Addr>,
+    pub oif: Option<u32>,
+}
+
+/// A netlink connection bound to the network namespace it was opened in.
+#[derive(Clone)]
+pub struct Netlink {
+    handle: Handle,
+}
+
+impl Netlink {
+    /// Opens a connection in the calling thread's network namespace. Needs a tokio runtime.
+    pub fn connect() -> Result<Netlink, NetlinkError> {
+        let (conn, handle, _) = rtnetlink::new_connection().map_err(NetlinkError::Socket)?;
+        tokio::spawn(conn);
+        Ok(Netlink { handle })
+    }
+
+    /// Opens a connection inside the network namespace at `path` (e.g. a pod's
+    /// `CNI_NETNS`). The socket is created on a short-lived thread that entered the
+    /// namespace, so no runtime thread ever changes namespace; a socket stays in the
+    /// namespace it was created in.
+    pub fn connect_in(path: &Path) -> Result<Netlink, NetlinkError> {
+        let runtime = tokio::runtime::Handle::current();
+        let (conn, handle) = netns::run_in(path, move || {
+            let _guard = runtime.enter();
+            rtnetlink::new_connection()
+                .map(|(conn, handle, _)| (conn, handle))
+                .map_err(NetlinkError::Socket)
+        })??;
+        tokio::spawn(conn);
+        Ok(Netlink { handle })
+    }
+
+    pub fn handle(&self) -> &Handle {
+        &self.handle
+    }
+
+    pub async fn link_by_name(&self, name: &str) -> Result<Option<Link>, NetlinkError> {
+        let mut s = self
+            .handle
+            .link()
+            .get()
+            .match_name(name.to_string())
+            .execute();
+        match s.try_next().await {
+            Ok(m) => Ok(m.as_ref().map(Link::from_message)),
+            Err(e) if errno(&e) == Some(libc::ENODEV) => Ok(None),
+            Err(e) => Err(NetlinkError::request(format!("look up link {name}"))(e)),
+        }
+    }
+
+    pub async fn link_by_index(&self, index: u32) -> Result<Option<Link>, NetlinkError> {
+        let mut s = self.handle.link().get().match_index(index).execute();
+        match s.try_next().await {
+            Ok(m) => Ok(m.as_ref().map(Link::from_message)),
+            Err(e) if errno(&e) == Some(libc::ENODEV) => Ok(None),
+            Err(e) => Err(NetlinkError::request(format!("look up link #{index}"))(e)),
+        }
+    }
+
+    pub async fn links(&self) -> Result<Vec<Link>, NetlinkError> {
+        let msgs: Vec<LinkMessage> = self
+            .handle
+            .link()
+            .get()
+            .execute()
+            .try_collect()
+            .await
+            .map_err(NetlinkError::request("list links"))?;
+        Ok(msgs.iter().map(Link::from_message).collect())
+    }
+
+    /// Deletes a link by name; Ok(false) when there was none.
+    pub async fn delete_link(&self, name: &str) -> Result<bool, NetlinkError> {
+        let Some(link) = self.link_by_name(name).await? else {
+            return Ok(false);
+        };
+        match self.handle.link().del(link.index).execute().await {
+            Ok(()) => Ok(true),
+            Err(e) if errno(&e) == Some(libc::ENODEV) => Ok(false),
+            Err(e) => Err(NetlinkError::request(format!("delete link {name}"))(e)),
+        }
+    }
+
+    /// IPv4 addresses on a link, with their prefix lengths.
+    pub async fn addresses_v4(&self, index: u32) -> Result<Vec<(Ipv4Addr, u8)>, NetlinkError> {
+        let msgs: Vec<AddressMessage> = self
+            .handle
+            .address()
+            .get()
+            .set_link_index_filter(index)
+            .execute()
+            .try_collect()
+            .await
+            .map_err(NetlinkError::request("list addresses"))?;
+        Ok(msgs
+            .iter()
+            .filter(|m| m.header.family == AddressFamily::Inet && m.header.index == index)
+            .filter_map(|m| {
+                m.attributes.iter().find_map(|a| match a {
+                    AddressAttribute::Local(IpAddr::V4(ip)) => Some((*ip, m.header.prefix_len)),
+                    _ => None,
+                })
+            })
+            .collect())
+    }
+
+    /// The link holding `ip`, if any (used to find the underlay device and its MTU).
+    pub async fn link_with_address(&self, ip: Ipv4Addr) -> Result<Option<Link>, NetlinkError> {
+        let msgs: Vec<AddressMessage> = self
+            .handle
+            .address()
+            .get()
+            .execute()
+            .try_collect()
+            .await
+            .map_err(NetlinkError::request("list addresses"))?;
+        let index = msgs.iter().find_map(|m| {
+            m.attributes
+                .iter()
+                .any(|a| matches!(a, AddressAttribute::Local(IpAddr::V4(x)) if *x == ip))
+                .then_some(m.header.index)
+        });
+        match index {
+            Some(i) => self.link_by_index(i).await,
+            None => Ok(None),
+        }
+    }
+
+    pub async fn add_address(
+        &self,
+        index: u32,
+        ip: Ipv4Addr,
+        prefix: u8,
+    ) -> Result<(), NetlinkError> {
+        match self
+            .handle
+            .address()
+            .add(index, IpAddr::V4(ip), prefix)
+            .execute()
+            .await
+        {
+            Ok(()) => Ok(()),
+            Err(e) if errno(&e) == Some(libc::EEXIST) => Ok(()),
+            Err(e) => Err(NetlinkError::request(format!("add address {ip}/{prefix}"))(
+                e,
+            )),
+        }
+    }
+
+    pub async fn delete_address(
+        &self,
+        index: u32,
+        ip: Ipv4Addr,
+        prefix: u8,
+    ) -> Result<(), NetlinkError> {
+        let msgs: Vec<AddressMessage> = self
+            .handle
+            .address()
+            .get()
+            .set_link_index_filter(index)
+            .set_address_filter(IpAddr::V4(ip))
+            .set_prefix_length_filter(prefix)
+            .execute()
+            .try_collect()
+            .await
+            .map_err(NetlinkError::request("list addresses"))?;
+        for m in msgs {
+            match self.handle.address().del(m).execute().await {
+                Ok(()) => {}
+                Err(e) if errno(&e) == Some(libc::EADDRNOTAVAIL) => {}
+                Err(e) => {
+                    return Err(NetlinkError::request(format!(
+                        "delete address {ip}/{prefix}"
+                    ))(e))
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// IPv4 routes of the main table.
+    pub async fn routes_v4(&self) -> Result<Vec<Route4>, NetlinkError> {
+        let filter = RouteMessageBuilder::<Ipv4Addr>::new().build();
+        let msgs: Vec<RouteMessage> = self
+            .handle
+            .route()
+            .get(filter)
+            .execute()
+            .try_collect()
+            .await
+            .map_err(NetlinkError::request("list routes"))?;
+        Ok(msgs
+            .iter()
+            .filter(|m| m.header.table == libc::RT_TABLE_MAIN)
+            .map(|m| {
+                let mut r = Route4 {
+                    dst: Ipv4Addr::UNSPECIFIED,
+                    prefix: m.header.destination_prefix_length,
+                    gateway: None,
+                    oif: None,
+                };
+                for a in &m.attributes {
+                    match a {
+                        RouteAttribute::Destination(RouteAddress::Inet(d)) => r.dst = *d,
+                        RouteAttribute::Gateway(RouteAddress::Inet(g)) => r.gateway = Some(*g),
+                        RouteAttribute::Oif(i) => r.oif = Some(*i),
+                        _ => {}
+                    }
+                }
+                r
+            })
+            .collect())
+    }
+
+    /// `ip route replace DST/PREFIX via GW dev INDEX`.
+    pub async fn replace_route(
+        &self,
+        dst: Ipv4Addr,
+        prefix: u8,
+        gateway: Ipv4Addr,
+        oif: u32,
+    ) -> Result<(), NetlinkError> {
+        let r = RouteMessageBuilder::<Ipv4Addr>::new()
+            .destination_prefix(dst, prefix)
+            .gateway(gateway)
+            .output_interface(oif)
+            .build();
+        self.handle
+            .route()
+            .add(r)
+            .replace()
+            .execute()
+            .await
+            .map_err(NetlinkError::request(format!(
+                "add route {dst}/{prefix} via {gateway}"
+            )))
+    }
+}
