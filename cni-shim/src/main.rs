@@ -1,14 +1,122 @@
-//! mesh-cni: the CNI plugin executed by the container runtime.
-//!
-//! Not implemented yet (see cni-shim/README.md). Until it is, the binary answers every
-//! invocation with a CNI error instead of pretending to attach a pod.
+//! mesh-cni: the CNI plugin (spec 1.1.0; configs of 0.3.0 to 1.1.0 accepted and answered
+//! in their own version). It asks the node's mesh-agent for an address over its unix
+//! socket and wires the pod to the node bridge with a veth pair. One short-lived process
+//! per call: a single-threaded runtime, no daemon state of its own.
 
-use std::process::ExitCode;
+mod agent;
+mod attach;
+mod commands;
+mod conf;
+mod env;
+mod error;
+mod result;
 
-fn main() -> ExitCode {
-    // CNI error code 999-range is plugin-specific; 100 is generic in our docs.
-    println!(
-        "{{\"cniVersion\":\"1.1.0\",\"code\":100,\"msg\":\"mesh-cni is not implemented in this build\",\"details\":\"see cni-shim/README.md\"}}"
-    );
-    ExitCode::FAILURE
+use std::io::{Read, Write};
+use std::time::Instant;
+
+use error::{CniError, CniResult, INCOMPATIBLE_VERSION, IO_FAILURE};
+use serde_json::json;
+
+use crate::env::{CniEnv, Command};
+
+/// Configs are small; refuse anything absurd rather than read it all.
+const MAX_STDIN: u64 = 4 << 20;
+
+fn main() {
+    let started = Instant::now();
+    let mut stdin = Vec::new();
+    let read = std::io::stdin()
+        .take(MAX_STDIN)
+        .read_to_end(&mut stdin)
+        .map_err(|e| CniError::new(IO_FAILURE, format!("cannot read stdin: {e}")));
+    let outcome = read.and_then(|_| run(&stdin));
+    let (code, printed) = match outcome {
+        Ok(Some(v)) => (0, Some(v.to_string())),
+        Ok(None) => (0, None),
+        Err(e) => {
+            eprintln!("mesh-cni: {}", e.msg);
+            (1, Some(e.to_json(&conf::error_version(&stdin))))
+        }
+    };
+    log_call(&stdin, code, printed.as_deref(), started);
+    if let Some(p) = printed {
+        let mut out = std::io::stdout().lock();
+        let _ = writeln!(out, "{p}");
+        let _ = out.flush();
+    }
+    std::process::exit(code);
+}
+
+fn run(stdin: &[u8]) -> CniResult<Option<serde_json::Value>> {
+    let env = env::parse(|k| std::env::var(k).ok())?;
+    if env.command == Command::Version {
+        let asked = conf::parse_version_request(stdin);
+        let answer = if conf::SUPPORTED_VERSIONS.contains(&asked.as_str()) {
+            asked
+        } else {
+            conf::LATEST.to_string()
+        };
+        return Ok(Some(json!({
+            "cniVersion": answer,
+            "supportedVersions": conf::SUPPORTED_VERSIONS,
+        })));
+    }
+    let conf = conf::parse(stdin)?;
+    let min = match env.command {
+        Command::Check => "0.4.0",
+        Command::Gc | Command::Status => "1.1.0",
+        _ => "0.3.0",
+    };
+    if !conf::at_least(&conf.cni_version, min) {
+        return Err(CniError::new(
+            INCOMPATIBLE_VERSION,
+            format!(
+                "{:?} needs cniVersion {min} or later; the configuration says {}",
+                env.command, conf.cni_version
+            ),
+        ));
+    }
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| CniError::new(IO_FAILURE, format!("cannot start the runtime: {e}")))?;
+    runtime.block_on(dispatch(&env, &conf))
+}
+
+async fn dispatch(env: &CniEnv, conf: &conf::NetConf) -> CniResult<Option<serde_json::Value>> {
+    match env.command {
+        Command::Add => commands::add(env, conf).await.map(Some),
+        Command::Del => commands::del(env, conf).await.map(|_| None),
+        Command::Check => commands::check(env, conf).await.map(|_| None),
+        Command::Gc => commands::gc(conf).await.map(|_| None),
+        Command::Status => commands::status(conf).await.map(|_| None),
+        Command::Version => Ok(None),
+    }
+}
+
+/// With `logFile` set, one JSON line per call (best effort: logging never fails a call).
+fn log_call(stdin: &[u8], code: i32, printed: Option<&str>, started: Instant) {
+    let Ok(conf) = conf::parse(stdin) else { return };
+    let Some(path) = conf.log_file else { return };
+    let var = |k: &str| std::env::var(k).unwrap_or_default();
+    let line = json!({
+        "time_unix_ms": std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_millis() as u64)
+            .unwrap_or(0),
+        "command": var("CNI_COMMAND"),
+        "container_id": var("CNI_CONTAINERID"),
+        "ifname": var("CNI_IFNAME"),
+        "netns": var("CNI_NETNS"),
+        "exit": code,
+        "took_ms": started.elapsed().as_secs_f64() * 1e3,
+        "output": printed.and_then(|p| serde_json::from_str::<serde_json::Value>(p).ok()),
+    });
+    if let Ok(mut f) = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)
+    {
+        let _ = writeln!(f, "{line}");
+    }
 }

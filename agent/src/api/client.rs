@@ -34,6 +34,18 @@ pub async fn request(
     path: &str,
     body: Option<Vec<u8>>,
 ) -> Result<(u16, Bytes), ClientError> {
+    request_within(socket, method, path, body, TIMEOUT).await
+}
+
+/// `request` with the caller's deadline (the CNI plugin waits longer for an allocation
+/// than for a status read).
+pub async fn request_within(
+    socket: &Path,
+    method: &str,
+    path: &str,
+    body: Option<Vec<u8>>,
+    timeout: Duration,
+) -> Result<(u16, Bytes), ClientError> {
     let socket_s = socket.display().to_string();
     let fut = async {
         let stream = tokio::net::UnixStream::connect(socket)
@@ -60,11 +72,11 @@ pub async fn request(
         let bytes = resp.into_body().collect().await?.to_bytes();
         Ok((status, bytes))
     };
-    tokio::time::timeout(TIMEOUT, fut)
+    tokio::time::timeout(timeout, fut)
         .await
         .map_err(|_| ClientError::Timeout {
             socket: socket_s.clone(),
-            secs: TIMEOUT.as_secs(),
+            secs: timeout.as_secs(),
         })?
 }
 

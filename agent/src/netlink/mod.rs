@@ -67,6 +67,8 @@ pub struct Link {
     pub kind: Option<String>,
     /// The bridge this link is attached to.
     pub controller: Option<u32>,
+    /// IFLA_LINK: for a veth, the other end's index (in the other end's namespace).
+    pub peer_index: Option<u32>,
 }
 
 impl Link {
@@ -79,6 +81,7 @@ impl Link {
             mac: Vec::new(),
             kind: None,
             controller: None,
+            peer_index: None,
         };
         for a in &m.attributes {
             match a {
@@ -86,6 +89,7 @@ impl Link {
                 LinkAttribute::Mtu(v) => link.mtu = *v,
                 LinkAttribute::Address(mac) => link.mac = mac.clone(),
                 LinkAttribute::Controller(c) => link.controller = Some(*c),
+                LinkAttribute::Link(i) => link.peer_index = Some(*i),
                 LinkAttribute::LinkInfo(infos) => {
                     for i in infos {
                         if let LinkInfo::Kind(k) = i {

@@ -146,6 +146,7 @@ mod tests {
             mac: bridge_mac(7).to_vec(),
             kind: Some("bridge".into()),
             controller: None,
+            peer_index: None,
         }
     }
 
@@ -213,6 +214,7 @@ mod tests {
             mac: vec![2; 6],
             kind: Some("veth".into()),
             controller,
+            peer_index: None,
         };
         let seen = Observed {
             bridge: Some(bridge(true, 1450)),
