@@ -16,11 +16,19 @@ for component in rustfmt clippy; do
   fi
 done
 
-# System packages: a C compiler for ring, pkg-config; iproute2/iperf3 for the network tests.
+# System packages: a C compiler for ring, pkg-config; the network tools the end-to-end tests use.
 need=()
 command -v cc >/dev/null 2>&1 || need+=(build-essential)
 command -v pkg-config >/dev/null 2>&1 || need+=(pkg-config)
 command -v ip >/dev/null 2>&1 || need+=(iproute2)
+command -v ping >/dev/null 2>&1 || need+=(iputils-ping)
+command -v iptables >/dev/null 2>&1 || need+=(iptables)
+# The reference CNI plugins (portmap, bandwidth, loopback) chained with mesh-cni in tests.
+[ -x /usr/lib/cni/portmap ] || need+=(containernetworking-plugins)
+# containerd + runc: the real CNI client of the end-to-end tests; protoc for the CRI client.
+command -v containerd >/dev/null 2>&1 || need+=(containerd)
+command -v runc >/dev/null 2>&1 || need+=(runc)
+command -v protoc >/dev/null 2>&1 || need+=(protobuf-compiler)
 if ((${#need[@]})); then
   if [ "$(id -u)" -ne 0 ]; then
     echo "missing system packages: ${need[*]} (run as root, or: sudo apt-get install -y ${need[*]})" >&2
@@ -28,6 +36,6 @@ if ((${#need[@]})); then
   fi
   export DEBIAN_FRONTEND=noninteractive
   apt-get update -qq
-  apt-get install -y -qq "${need[@]}"
+  apt-get install -y -qq --no-install-recommends "${need[@]}"
 fi
 echo "dependencies present"

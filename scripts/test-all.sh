@@ -7,6 +7,8 @@
 # - unit and property tests of every crate
 # - the deterministic simulator campaign (MESH_SIM_SEEDS seeds, default 1000, 50 nodes, 10% loss)
 # - integration tests that run real mesh-agent processes on 127.0.0.1 (no root needed)
+# - end-to-end tests in network namespaces (root): mesh-agent + the real mesh-cni binary,
+#   chained with the reference portmap/bandwidth plugins, and driven by containerd
 #
 # Tests that need root and network namespaces skip with a loud message when run
 # unprivileged, and fail instead when MESH_E2E=1 (CI sets it).
@@ -21,5 +23,8 @@ cargo fmt --all -- --check
 step "cargo clippy (all targets, warnings are errors)"
 cargo clippy --workspace --all-targets --locked -- -D warnings
 
-step "cargo test (unit, property, simulator campaign, agents on loopback)"
+step "build the binaries the end-to-end tests execute (test profile, so cargo test reuses them)"
+cargo build --workspace --bins --profile test --locked
+
+step "cargo test (unit, property, simulator campaign, agents on loopback, end-to-end in namespaces)"
 cargo test --workspace --locked

@@ -1,0 +1,450 @@
+//! Namespaces, agents and pods of one testbed. Names carry a per-process prefix so two
+//! testbeds (or a leftover) never collide; everything is removed on drop.
+
+use std::net::Ipv4Addr;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use serde_json::Value;
+
+use crate::cni::{Attachment, Conflist, Runner};
+
+/// The underlay subnet the node namespaces share (inside our own namespaces only).
+const UNDERLAY_NET: [u8; 3] = [192, 168, 77];
+
+/// Where the reference plugins live on Debian (`containernetworking-plugins`).
+pub const REFERENCE_PLUGINS: &str = "/usr/lib/cni";
+
+#[derive(Clone, Debug)]
+pub struct AgentOptions {
+    /// `--ipalloc-init` (default: consensus over the nodes started together).
+    pub ipalloc_init: Option<String>,
+    pub dataplane: String,
+    pub extra: Vec<String>,
+}
+
+impl Default for AgentOptions {
+    fn default() -> Self {
+        AgentOptions {
+            ipalloc_init: None,
+            dataplane: "vxlan".into(),
+            extra: Vec::new(),
+        }
+    }
+}
+
+pub struct Node {
+    pub name: String,
+    pub netns: String,
+    pub underlay_ip: Ipv4Addr,
+    pub dir: PathBuf,
+    pub socket: PathBuf,
+    pub log: PathBuf,
+    args: Vec<String>,
+    agent: Option<Child>,
+}
+
+impl Node {
+    pub fn agent_pid(&self) -> Option<u32> {
+        self.agent.as_ref().map(Child::id)
+    }
+}
+
+pub struct Pod {
+    pub name: String,
+    pub node: usize,
+    pub netns: String,
+    pub attachment: Attachment,
+    /// The conflist's final ADD result (what a runtime caches for DEL and CHECK).
+    pub result: Option<Value>,
+    pub address: Option<Ipv4Addr>,
+}
+
+pub struct Testbed {
+    pub prefix: String,
+    pub work: PathBuf,
+    pub bin_dir: PathBuf,
+    pub underlay: String,
+    pub nodes: Vec<Node>,
+    pub pods: Vec<Pod>,
+    secret: PathBuf,
+}
+
+/// Runs a command; Err with its output when it fails.
+pub fn run(cmd: &str, args: &[&str]) -> Result<Output> {
+    let out = Command::new(cmd)
+        .args(args)
+        .output()
+        .with_context(|| format!("cannot run {cmd}"))?;
+    if !out.status.success() {
+        bail!(
+            "{cmd} {} failed: {}{}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr).trim(),
+            String::from_utf8_lossy(&out.stdout).trim()
+        );
+    }
+    Ok(out)
+}
+
+/// The directory holding `mesh-agent`, `mesh-cni` and `meshctl`: `MESH_BIN_DIR`, else
+/// the cargo target directory this test binary was built into.
+pub fn bin_dir() -> Result<PathBuf> {
+    let dir = match std::env::var_os("MESH_BIN_DIR") {
+        Some(d) => PathBuf::from(d),
+        None => {
+            let exe = std::env::current_exe()?;
+            // target/<profile>/deps/<test binary>
+            exe.parent()
+                .and_then(Path::parent)
+                .map(Path::to_path_buf)
+                .context("cannot locate the target directory")?
+        }
+    };
+    for b in ["mesh-agent", "mesh-cni", "meshctl"] {
+        if !dir.join(b).is_file() {
+            bail!(
+                "{} is missing: build the binaries first (`cargo build --workspace --bins --profile test`, as scripts/test-all.sh does) or set MESH_BIN_DIR",
+                dir.join(b).display()
+            );
+        }
+    }
+    Ok(dir)
+}
+
+impl Testbed {
+    /// A new, empty testbed: the underlay namespace with its bridge. Call only inside
+    /// `privns::enter_private_mounts`.
+    pub fn new(tag: &str) -> Result<Testbed> {
+        let prefix = format!("{tag}{:05x}", std::process::id() & 0xfffff);
+        let work = std::env::temp_dir().join(format!("mesh-testbed-{prefix}"));
+        let _ = std::fs::remove_dir_all(&work);
+        std::fs::create_dir_all(&work)?;
+        let secret = work.join("cluster-secret");
+        let mut random = [0u8; 32];
+        {
+            use std::io::Read;
+            std::fs::File::open("/dev/urandom")?.read_exact(&mut random)?;
+        }
+        let hex: String = random.iter().map(|b| format!("{b:02x}")).collect();
+        std::fs::write(&secret, hex)?;
+        let underlay = format!("{prefix}-ul");
+        let tb = Testbed {
+            prefix,
+            work,
+            bin_dir: bin_dir()?,
+            underlay: underlay.clone(),
+            nodes: Vec::new(),
+            pods: Vec::new(),
+            secret,
+        };
+        run("ip", &["netns", "add", &underlay])?;
+        tb.ns(&underlay, &["ip", "link", "set", "lo", "up"])?;
+        tb.ns(&underlay, &["ip", "link", "add", "ul0", "type", "bridge"])?;
+        tb.ns(&underlay, &["ip", "link", "set", "ul0", "up"])?;
+        Ok(tb)
+    }
+
+    pub fn bin(&self, name: &str) -> PathBuf {
+        self.bin_dir.join(name)
+    }
+
+    /// Runs `args` inside namespace `ns`; Err when it fails.
+    pub fn ns(&self, ns: &str, args: &[&str]) -> Result<Output> {
+        let mut all = vec!["netns", "exec", ns];
+        all.extend_from_slice(args);
+        run("ip", &all)
+    }
+
+    /// Runs `args` inside `ns` and returns the output whatever the exit status.
+    pub fn ns_output(&self, ns: &str, args: &[&str]) -> Result<Output> {
+        Ok(Command::new("ip")
+            .args(["netns", "exec", ns])
+            .args(args)
+            .output()?)
+    }
+
+    /// Adds a node namespace on the underlay (its agent is started separately).
+    pub fn add_node(&mut self, opts: &AgentOptions) -> Result<usize> {
+        let i = self.nodes.len();
+        let name = format!("n{}", i + 1);
+        let netns = format!("{}-{name}", self.prefix);
+        let ip = Ipv4Addr::new(
+            UNDERLAY_NET[0],
+            UNDERLAY_NET[1],
+            UNDERLAY_NET[2],
+            i as u8 + 1,
+        );
+        let ul_end = format!("{}{name}", self.prefix);
+        run("ip", &["netns", "add", &netns])?;
+        self.ns(&netns, &["ip", "link", "set", "lo", "up"])?;
+        self.ns(
+            &self.underlay,
+            &[
+                "ip", "link", "add", &ul_end, "type", "veth", "peer", "name", "eth0", "netns",
+                &netns,
+            ],
+        )?;
+        self.ns(
+            &self.underlay,
+            &["ip", "link", "set", &ul_end, "master", "ul0", "up"],
+        )?;
+        self.ns(
+            &netns,
+            &["ip", "addr", "add", &format!("{ip}/24"), "dev", "eth0"],
+        )?;
+        self.ns(&netns, &["ip", "link", "set", "eth0", "up"])?;
+        let dir = self.work.join(&name);
+        std::fs::create_dir_all(&dir)?;
+        let socket = dir.join("mesh.sock");
+        let mut args: Vec<String> = vec![
+            "--node-name".into(),
+            name.clone(),
+            "--listen".into(),
+            "0.0.0.0:6783".into(),
+            "--advertise-addr".into(),
+            ip.to_string(),
+            "--secret-file".into(),
+            self.secret.display().to_string(),
+            "--state-dir".into(),
+            dir.join("state").display().to_string(),
+            "--socket".into(),
+            socket.display().to_string(),
+            "--metrics-addr".into(),
+            "127.0.0.1:6782".into(),
+            "--dataplane".into(),
+            opts.dataplane.clone(),
+        ];
+        if let Some(init) = &opts.ipalloc_init {
+            args.push("--ipalloc-init".into());
+            args.push(init.clone());
+        }
+        args.extend(opts.extra.iter().cloned());
+        self.nodes.push(Node {
+            name,
+            netns,
+            underlay_ip: ip,
+            log: dir.join("agent.log"),
+            dir,
+            socket,
+            args,
+            agent: None,
+        });
+        Ok(i)
+    }
+
+    /// Starts (or restarts) node `i`'s agent. It dies with this process.
+    pub fn start_agent(&mut self, i: usize) -> Result<()> {
+        let node = &mut self.nodes[i];
+        if node.agent.is_some() {
+            bail!("agent of {} already running", node.name);
+        }
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&node.log)?;
+        let mut cmd = Command::new("ip");
+        cmd.args(["netns", "exec", &node.netns])
+            .arg(self.bin_dir.join("mesh-agent"))
+            .args(&node.args)
+            .env("MESH_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log);
+        // SAFETY: prctl is async-signal-safe; nothing else runs between fork and exec.
+        unsafe {
+            cmd.pre_exec(|| {
+                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+        node.agent = Some(cmd.spawn().context("spawn mesh-agent")?);
+        Ok(())
+    }
+
+    /// SIGTERM, then SIGKILL after 5 s.
+    pub fn stop_agent(&mut self, i: usize) -> Result<()> {
+        let Some(mut child) = self.nodes[i].agent.take() else {
+            return Ok(());
+        };
+        let pid = nix::unistd::Pid::from_raw(child.id() as i32);
+        let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while Instant::now() < deadline {
+            if child.try_wait()?.is_some() {
+                return Ok(());
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let _ = child.kill();
+        child.wait()?;
+        Ok(())
+    }
+
+    pub fn kill_agent(&mut self, i: usize) -> Result<()> {
+        if let Some(mut child) = self.nodes[i].agent.take() {
+            let _ = child.kill();
+            child.wait()?;
+        }
+        Ok(())
+    }
+
+    /// `meshctl status -o json` on node `i`.
+    pub fn status(&self, i: usize) -> Result<Value> {
+        let node = &self.nodes[i];
+        let out = self.ns(
+            &node.netns,
+            &[
+                &self.bin("meshctl").display().to_string(),
+                "--socket",
+                &node.socket.display().to_string(),
+                "status",
+                "-o",
+                "json",
+            ],
+        )?;
+        Ok(serde_json::from_slice(&out.stdout)?)
+    }
+
+    /// Waits until node `i`'s pod network is ready (IPAM has space, bridge set up).
+    pub fn wait_ready(&self, i: usize, within: Duration) -> Result<Value> {
+        let deadline = Instant::now() + within;
+        let mut last = String::from("no answer");
+        while Instant::now() < deadline {
+            match self.status(i) {
+                Ok(s)
+                    if s["node_network"]["ready"] == Value::Bool(true)
+                        && s["ipam"]["status"] == "ready" =>
+                {
+                    return Ok(s)
+                }
+                Ok(s) => {
+                    last = format!(
+                        "ipam {} / node network {}",
+                        s["ipam"]["status"], s["node_network"]
+                    )
+                }
+                Err(e) => last = e.to_string(),
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        bail!(
+            "node {} not ready within {within:?}: {last}",
+            self.nodes[i].name
+        )
+    }
+
+    /// The plugin runner for node `i` (our binaries first, then the reference plugins).
+    pub fn runner(&self, i: usize) -> Runner {
+        Runner {
+            node_netns: self.nodes[i].netns.clone(),
+            bin_dirs: vec![self.bin_dir.clone(), PathBuf::from(REFERENCE_PLUGINS)],
+        }
+    }
+
+    pub fn conflist(&self, i: usize, version: &str, then: &[Value]) -> Conflist {
+        Conflist::mesh(version, &self.nodes[i].socket.display().to_string(), then)
+    }
+
+    /// A pod namespace on node `i`, not attached yet.
+    pub fn new_pod(&mut self, node: usize, name: &str) -> Result<usize> {
+        let netns = format!("{}-{name}", self.prefix);
+        run("ip", &["netns", "add", &netns])?;
+        self.ns(&netns, &["ip", "link", "set", "lo", "up"])?;
+        let container_id = format!("{}{name}", self.prefix).replace('-', "");
+        self.pods.push(Pod {
+            name: name.to_string(),
+            node,
+            attachment: Attachment {
+                container_id,
+                netns: format!("/run/netns/{netns}"),
+                ifname: "eth0".into(),
+                cni_args: format!("IgnoreUnknown=1;K8S_POD_NAMESPACE=default;K8S_POD_NAME={name}"),
+            },
+            netns,
+            result: None,
+            address: None,
+        });
+        Ok(self.pods.len() - 1)
+    }
+
+    /// A pod attached through `list` (ADD through the whole chain).
+    pub fn add_pod(
+        &mut self,
+        node: usize,
+        name: &str,
+        list: &Conflist,
+        runtime: &Value,
+    ) -> Result<usize> {
+        let p = self.new_pod(node, name)?;
+        let att = self.pods[p].attachment.clone();
+        match self.runner(node).add(list, &att, runtime)? {
+            Ok(result) => {
+                let address = result["ips"]
+                    .as_array()
+                    .and_then(|ips| ips.iter().find_map(|ip| ip["address"].as_str()))
+                    .and_then(|a| a.split('/').next())
+                    .and_then(|a| a.parse().ok());
+                self.pods[p].result = Some(result);
+                self.pods[p].address = address;
+                Ok(p)
+            }
+            Err(call) => bail!("ADD of pod {name} failed: {call}"),
+        }
+    }
+
+    /// Tail of each agent log (for failure reports).
+    pub fn logs(&self, lines: usize) -> String {
+        let mut out = String::new();
+        for n in &self.nodes {
+            let text = std::fs::read_to_string(&n.log).unwrap_or_default();
+            let all: Vec<&str> = text.lines().collect();
+            out.push_str(&format!(
+                "---- {} ({}) last {lines} lines\n",
+                n.name,
+                n.log.display()
+            ));
+            for l in &all[all.len().saturating_sub(lines)..] {
+                out.push_str(l);
+                out.push('\n');
+            }
+        }
+        out
+    }
+
+    /// Namespaces of this testbed that still exist.
+    pub fn leftover_namespaces(&self) -> Vec<String> {
+        run("ip", &["netns", "list"])
+            .map(|o| {
+                String::from_utf8_lossy(&o.stdout)
+                    .lines()
+                    .filter_map(|l| l.split_whitespace().next())
+                    .filter(|n| n.starts_with(&self.prefix))
+                    .map(str::to_string)
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
+    pub fn down(&mut self) {
+        for i in 0..self.nodes.len() {
+            let _ = self.stop_agent(i);
+        }
+        for ns in self.leftover_namespaces() {
+            let _ = run("ip", &["netns", "del", &ns]);
+        }
+        self.pods.clear();
+        let _ = std::fs::remove_dir_all(&self.work);
+    }
+}
+
+impl Drop for Testbed {
+    fn drop(&mut self) {
+        self.down();
+    }
+}
