@@ -83,22 +83,10 @@ fn decode(stdin: &[u8]) -> CniResult<Map<String, Value>> {
     }
 }
 
-/// The version this request speaks: the highest supported entry of `cniVersions` (1.1),
-/// else `cniVersion`.
+/// The version this request speaks: `cniVersion`, which the runtime sets to the version
+/// it selected. `cniVersions` (1.1) is the runtime's input for that choice, not ours: an
+/// older runtime passes it through untouched and expects answers in `cniVersion`.
 fn negotiate(m: &Map<String, Value>) -> CniResult<String> {
-    if let Some(list) = m.get("cniVersions") {
-        let list = list
-            .as_array()
-            .ok_or_else(|| invalid("cniVersions must be a list of version strings"))?;
-        let best = list
-            .iter()
-            .filter_map(Value::as_str)
-            .filter(|v| SUPPORTED_VERSIONS.contains(v))
-            .max_by_key(|v| version_triplet(v));
-        if let Some(v) = best {
-            return Ok(v.to_string());
-        }
-    }
     let v = match m.get("cniVersion") {
         Some(Value::String(v)) => v.clone(),
         Some(_) => return Err(invalid("cniVersion must be a string")),
@@ -272,11 +260,10 @@ mod tests {
     }
 
     #[test]
-    fn cni_versions_picks_the_highest_we_speak() {
+    fn cni_version_set_by_the_runtime_wins_over_cni_versions() {
         let c =
-            parse(br#"{"cniVersion":"0.4.0","cniVersions":["0.4.0","1.1.0","2.0.0"],"name":"m"}"#)
-                .unwrap();
-        assert_eq!(c.cni_version, "1.1.0");
+            parse(br#"{"cniVersion":"1.0.0","cniVersions":["1.0.0","1.1.0"],"name":"m"}"#).unwrap();
+        assert_eq!(c.cni_version, "1.0.0");
     }
 
     #[test]
