@@ -74,6 +74,7 @@ pub fn summary(s: &StatusResponse) -> String {
             ),
         ),
         ("IPAM", format!("{}: {}", s.ipam.range, s.ipam.status)),
+        ("Pod network", pod_network(s.node_network.as_ref())),
         ("Uptime", format!("{} s", s.uptime_seconds)),
     ];
     let mut out = String::new();
@@ -84,6 +85,21 @@ pub fn summary(s: &StatusResponse) -> String {
         out.push_str("\nWARNING: this agent runs without authentication (--insecure-no-auth): anyone who can reach it can join.\n");
     }
     out
+}
+
+fn pod_network(n: Option<&mesh_proto::api::NodeNetworkStatus>) -> String {
+    match n {
+        None => "none (--dataplane none: pods cannot be attached on this node)".into(),
+        Some(n) => {
+            let address = n.address.as_deref().unwrap_or("no address yet");
+            let state = match (&n.problem, n.ready) {
+                (_, true) => "ready".to_string(),
+                (Some(p), false) => format!("NOT READY: {p}"),
+                (None, false) => "not ready".to_string(),
+            };
+            format!("bridge {} {address}, mtu {}: {state}", n.bridge, n.mtu)
+        }
+    }
 }
 
 pub fn peers(p: &PeersResponse) -> String {
