@@ -1,5 +1,6 @@
-//! A private mount namespace for the whole test process, with its own `/run/netns`, so
-//! our namespaces never appear in (or collide with) the host's and vanish with us.
+//! A private mount namespace for the whole test process, with its own `/run/netns` and
+//! temp dir, so our namespaces and files never appear in (or collide with) the host's and
+//! vanish with us, however the process ends.
 
 use anyhow::{bail, Context, Result};
 use nix::mount::{mount, MsFlags};
@@ -32,5 +33,16 @@ pub fn enter_private_mounts() -> Result<()> {
         Some("mode=0755"),
     )
     .context("mount a private tmpfs on /run/netns")?;
+    // Work directories (agent state, sockets, logs, containerd's root) go under the temp
+    // dir; a tmpfs there, private to us, means even a killed test leaves no files behind.
+    let scratch = std::env::temp_dir();
+    mount(
+        Some("tmpfs"),
+        &scratch,
+        Some("tmpfs"),
+        MsFlags::empty(),
+        Some("mode=1777"),
+    )
+    .with_context(|| format!("mount a private tmpfs on {}", scratch.display()))?;
     Ok(())
 }
