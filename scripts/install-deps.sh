@@ -29,6 +29,7 @@ command -v iptables >/dev/null 2>&1 || need+=(iptables)
 command -v containerd >/dev/null 2>&1 || need+=(containerd)
 command -v runc >/dev/null 2>&1 || need+=(runc)
 command -v protoc >/dev/null 2>&1 || need+=(protobuf-compiler)
+command -v tcpdump >/dev/null 2>&1 || need+=(tcpdump)
 if ((${#need[@]})); then
   if [ "$(id -u)" -ne 0 ]; then
     echo "missing system packages: ${need[*]} (run as root, or: sudo apt-get install -y ${need[*]})" >&2

@@ -11,11 +11,12 @@ use tracing::{info, warn};
 
 use crate::api::{metrics::Metrics, server};
 use crate::config::{AgentConfig, Dataplane};
+use crate::dataplane::{self, vxlan, vxlan::VxlanConfig};
 use crate::ipam;
 use crate::ipam::block::Block;
 use crate::ipam::core::IpamConfig;
 use crate::ipam::service::IpamService;
-use crate::mesh::driver::{Driver, DriverConfig, NodeNetLink};
+use crate::mesh::driver::{Driver, DriverConfig, NodeNetLink, TunnelLink};
 use crate::mesh::status::StaticInfo;
 use crate::mesh::{CoreConfig, MeshCore};
 use crate::netlink::Netlink;
@@ -26,12 +27,11 @@ use mesh_proto::api::NodeNetworkStatus;
 
 pub async fn run(cfg: AgentConfig) -> Result<()> {
     let resolved = cfg.resolve()?;
-    if cfg.dataplane != Dataplane::None {
-        warn!(
-            dataplane = cfg.dataplane.as_str(),
-            "cross-node backends are not built yet: pods on this node are attached through the bridge, traffic to other nodes is not carried"
-        );
+    if cfg.dataplane == Dataplane::Udp {
+        warn!("the udp backend is not built yet: pods on this node are attached through the bridge, traffic to other nodes is not carried (use --dataplane vxlan)");
     }
+    // `auto` is the kernel's VXLAN until the userspace path exists.
+    let tunnel = matches!(cfg.dataplane, Dataplane::Vxlan | Dataplane::Auto);
     let auth = match resolved.secret.clone() {
         Some(s) => Auth::ClusterSecret(s),
         None => {
@@ -62,9 +62,13 @@ pub async fn run(cfg: AgentConfig) -> Result<()> {
         version: 0,
         addresses: vec![resolved.advertise],
         capabilities: Capabilities {
-            dataplanes: Vec::new(),
-            vtep_mac: None,
-            vxlan_port: None,
+            dataplanes: if tunnel {
+                vec![dataplane::VXLAN.to_string()]
+            } else {
+                Vec::new()
+            },
+            vtep_mac: tunnel.then(|| dataplane::vtep_mac(identity.peer_id.0)),
+            vxlan_port: tunnel.then_some(cfg.vxlan_port),
             authenticated: matches!(auth, Auth::ClusterSecret(_)),
         },
         connections: Vec::new(),
@@ -141,6 +145,33 @@ pub async fn run(cfg: AgentConfig) -> Result<()> {
             }
             let (gateway_tx, gateway_rx) = watch::channel(None);
             let (status_tx, status_rx) = watch::channel(NodeNetworkStatus::default());
+            let tunnel_link = if tunnel {
+                let std::net::IpAddr::V4(local) = resolved.advertise.ip() else {
+                    anyhow::bail!("the vxlan data plane needs an IPv4 --advertise-addr");
+                };
+                let vx = VxlanConfig {
+                    vni: vxlan::DEFAULT_VNI,
+                    port: cfg.vxlan_port,
+                    local,
+                    mtu,
+                    mac: dataplane::vtep_mac(identity.peer_id.0),
+                };
+                let (desired_tx, desired_rx) = watch::channel(dataplane::Desired::default());
+                let (problem_tx, problem_rx) = watch::channel(None);
+                tokio::spawn(vxlan::run(
+                    nl.clone(),
+                    vx,
+                    desired_rx,
+                    problem_tx,
+                    shutdown_rx.clone(),
+                ));
+                Some(TunnelLink {
+                    desired: desired_tx,
+                    problem: problem_rx,
+                })
+            } else {
+                None
+            };
             tokio::spawn(node_net::run(
                 nl,
                 spec,
@@ -151,6 +182,7 @@ pub async fn run(cfg: AgentConfig) -> Result<()> {
             driver.with_node_network(NodeNetLink {
                 gateway: gateway_tx,
                 status: status_rx,
+                tunnel: tunnel_link,
             })
         }
         None => driver,

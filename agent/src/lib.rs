@@ -6,6 +6,7 @@ pub mod agent;
 pub mod api;
 pub mod cli_render;
 pub mod config;
+pub mod dataplane;
 pub mod ipam;
 pub mod mesh;
 pub mod netlink;

@@ -53,6 +53,9 @@ pub struct NodeNetworkStatus {
     pub mtu: u32,
     /// Why it is not ready, in words.
     pub problem: Option<String>,
+    /// What is wrong with the cross-node tunnel (VXLAN device, routes), if anything.
+    #[serde(default)]
+    pub tunnel_problem: Option<String>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]

@@ -92,6 +92,13 @@ pub struct Driver {
 pub struct NodeNetLink {
     pub gateway: watch::Sender<Option<(std::net::Ipv4Addr, u8)>>,
     pub status: watch::Receiver<mesh_proto::api::NodeNetworkStatus>,
+    /// The cross-node backend: what to program, and what went wrong doing it.
+    pub tunnel: Option<TunnelLink>,
+}
+
+pub struct TunnelLink {
+    pub desired: watch::Sender<crate::dataplane::Desired>,
+    pub problem: watch::Receiver<Option<String>>,
 }
 
 impl Driver {
@@ -134,6 +141,26 @@ impl Driver {
             ipam,
             node_net: None,
         }
+    }
+
+    /// Tells the data plane what to program: remote nodes, their endpoints and blocks.
+    fn publish_dataplane(&self) {
+        let Some(tunnel) = self.node_net.as_ref().and_then(|n| n.tunnel.as_ref()) else {
+            return;
+        };
+        let desired = crate::dataplane::Desired {
+            local_gateway: self.ipam.gateway().map(|g| g.0),
+            remotes: crate::dataplane::remotes(
+                self.core.own_record().id,
+                self.core.members().map(|m| &m.record),
+                self.ipam.core().ring(),
+            ),
+        };
+        tunnel.desired.send_if_modified(|d| {
+            let changed = *d != desired;
+            *d = desired;
+            changed
+        });
     }
 
     /// Connects the node bridge task: it learns the gateway from IPAM through this.
@@ -481,6 +508,7 @@ impl Driver {
 
     fn maintain(&mut self) {
         let now = Instant::now();
+        self.publish_dataplane();
         self.dial_due(now);
         // Forget on-demand targets that are idle and not needed.
         let links = &self.links.links;

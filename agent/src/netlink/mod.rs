@@ -132,6 +132,8 @@ pub struct Route4 {
     pub prefix: u8,
     pub gateway: Option<Ipv4Addr>,
     pub oif: Option<u32>,
+    pub protocol: u8,
+    pub prefsrc: Option<Ipv4Addr>,
 }
 
 /// A netlink connection bound to the network namespace it was opened in.
@@ -332,12 +334,15 @@ impl Netlink {
                     prefix: m.header.destination_prefix_length,
                     gateway: None,
                     oif: None,
+                    protocol: u8::from(m.header.protocol),
+                    prefsrc: None,
                 };
                 for a in &m.attributes {
                     match a {
                         RouteAttribute::Destination(RouteAddress::Inet(d)) => r.dst = *d,
                         RouteAttribute::Gateway(RouteAddress::Inet(g)) => r.gateway = Some(*g),
                         RouteAttribute::Oif(i) => r.oif = Some(*i),
+                        RouteAttribute::PrefSource(RouteAddress::Inet(p)) => r.prefsrc = Some(*p),
                         _ => {}
                     }
                 }

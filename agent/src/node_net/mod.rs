@@ -50,12 +50,16 @@ pub async fn run(
             }
             last_problem = problem.clone();
         }
+        if problem.is_none() {
+            proxy_arp(&spec.name);
+        }
         let ready = problem.is_none() && spec.gateway.is_some();
         status.send_replace(NodeNetworkStatus {
             bridge: spec.name.clone(),
             ready,
             address: spec.gateway.map(|(ip, p)| format!("{ip}/{p}")),
             mtu: spec.mtu,
+            tunnel_problem: None,
             problem: problem.or_else(|| {
                 spec.gateway
                     .is_none()
@@ -66,6 +70,26 @@ pub async fn run(
             _ = tokio::time::sleep(RECONCILE_EVERY) => {}
             r = gateway.changed() => if r.is_err() { return },
             _ = shutdown.changed() => return,
+        }
+    }
+}
+
+/// Pods hold the whole range on-link (`/12`), so they ARP for remote pods on the
+/// bridge; the node answers for addresses it routes elsewhere (proxy ARP), at once rather
+/// than after the default random 0-0.8 s proxy delay.
+fn proxy_arp(bridge: &str) {
+    for (path, value) in [
+        (format!("/proc/sys/net/ipv4/conf/{bridge}/proxy_arp"), "1"),
+        (
+            format!("/proc/sys/net/ipv4/neigh/{bridge}/proxy_delay"),
+            "0",
+        ),
+    ] {
+        let current = std::fs::read_to_string(&path).unwrap_or_default();
+        if current.trim() != value {
+            if let Err(e) = std::fs::write(&path, value) {
+                warn!(path = %path, error = %e, "cannot set a bridge sysctl");
+            }
         }
     }
 }

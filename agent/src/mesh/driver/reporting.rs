@@ -115,7 +115,11 @@ impl Driver {
         let mut status = status;
         let ipam = self.ipam.status();
         status.ipam.status = ipam.status;
-        status.node_network = self.node_net.as_ref().map(|l| l.status.borrow().clone());
+        status.node_network = self.node_net.as_ref().map(|l| {
+            let mut n = l.status.borrow().clone();
+            n.tunnel_problem = l.tunnel.as_ref().and_then(|t| t.problem.borrow().clone());
+            n
+        });
         Report {
             status,
             peers,

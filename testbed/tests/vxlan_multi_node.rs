@@ -1,0 +1,259 @@
+//! The kernel VXLAN backend end to end (root; skips loudly without it, fails under
+//! MESH_E2E=1): 3 node namespaces on one underlay bridge, each with a real mesh-agent
+//! (`--dataplane vxlan`), 2 pods per node attached through the real mesh-cni.
+
+use std::net::Ipv4Addr;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{anyhow, bail, ensure, Context, Result};
+use mesh_testbed::{gate, privns, probe, AgentOptions, Testbed};
+use serde_json::json;
+
+const NODES: usize = 3;
+const PODS_PER_NODE: usize = 2;
+
+fn main() {
+    if !gate::e2e_allowed("vxlan data plane, 3 nodes") {
+        return;
+    }
+    if let Err(e) = privns::enter_private_mounts() {
+        panic!("cannot set up a private mount namespace: {e:#}");
+    }
+    let mut tb = match setup() {
+        Ok(tb) => tb,
+        Err(e) => panic!("testbed set-up failed: {e:#}"),
+    };
+    type Case = fn(&mut Testbed) -> Result<()>;
+    let cases: &[(&str, Case)] = &[
+        (
+            "every pod reaches every pod and every node, no NAT",
+            full_matrix,
+        ),
+        ("the underlay carries VXLAN with our VNI", underlay_is_vxlan),
+        ("a route deleted by hand comes back", route_is_restored),
+        (
+            "a stopped agent does not stop traffic through its node",
+            agent_stop_keeps_traffic,
+        ),
+    ];
+    let mut failed = 0;
+    for (name, case) in cases {
+        let started = Instant::now();
+        match case(&mut tb) {
+            Ok(()) => println!("test {name} ... ok ({:.1?})", started.elapsed()),
+            Err(e) => {
+                failed += 1;
+                println!(
+                    "test {name} ... FAILED ({:.1?})\n  {e:#}",
+                    started.elapsed()
+                );
+            }
+        }
+    }
+    if failed > 0 {
+        println!("{}", tb.logs(30));
+    }
+    tb.down();
+    println!("\n{failed} failed");
+    if failed > 0 {
+        std::process::exit(1);
+    }
+}
+
+fn setup() -> Result<Testbed> {
+    let mut tb = Testbed::new("vx")?;
+    let peers: Vec<String> = (1..=NODES).map(|i| format!("192.168.77.{i}")).collect();
+    for _ in 0..NODES {
+        tb.add_node(&AgentOptions {
+            ipalloc_init: Some(format!("consensus={NODES}")),
+            dataplane: "vxlan".into(),
+            extra: vec!["--peers".into(), peers.join(",")],
+        })?;
+    }
+    for i in 0..NODES {
+        tb.start_agent(i)?;
+    }
+    for i in 0..NODES {
+        tb.wait_ready(i, Duration::from_secs(30))?;
+    }
+    for n in 0..NODES {
+        let list = tb.conflist(n, "1.1.0", &[]);
+        for p in 0..PODS_PER_NODE {
+            tb.add_pod(n, &format!("n{}p{}", n + 1, p + 1), &list, &json!({}))?;
+        }
+    }
+    // Routes follow the gossip of blocks and endpoints: wait until each node routes every
+    // other node's blocks.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let counts: Vec<usize> = (0..NODES)
+            .map(|i| routes(&tb, i).map(|r| r.len()).unwrap_or(0))
+            .collect();
+        if counts.iter().all(|c| *c >= NODES - 1) {
+            break;
+        }
+        if Instant::now() > deadline {
+            bail!("pod routes never appeared on every node: {counts:?}");
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    Ok(tb)
+}
+
+/// Our routes on node `i` (`ip route show dev mesh-vxlan proto 109`).
+fn routes(tb: &Testbed, i: usize) -> Result<Vec<String>> {
+    let out = tb.ns(
+        &tb.nodes[i].netns,
+        &["ip", "route", "show", "dev", "mesh-vxlan", "proto", "109"],
+    )?;
+    Ok(String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(str::to_string)
+        .collect())
+}
+
+fn pings(tb: &Testbed, from_ns: &str, to: Ipv4Addr) -> Result<bool> {
+    Ok(tb
+        .ns_output(from_ns, &["ping", "-c", "1", "-W", "2", &to.to_string()])?
+        .status
+        .success())
+}
+
+fn full_matrix(tb: &mut Testbed) -> Result<()> {
+    let pods: Vec<(String, Ipv4Addr, usize)> = tb
+        .pods
+        .iter()
+        .map(|p| (p.netns.clone(), p.address.expect("address"), p.node))
+        .collect();
+    let mut port = 18000;
+    for (a_ns, a_ip, a_node) in &pods {
+        for (b_ns, b_ip, b_node) in &pods {
+            if a_ns == b_ns {
+                continue;
+            }
+            ensure!(
+                pings(tb, a_ns, *b_ip)?,
+                "{a_ns} ({a_ip}, node {a_node}) cannot ping {b_ip} (node {b_node})"
+            );
+            port += 1;
+            let seen = probe::udp_source(a_ns, b_ns, *b_ip, port)?;
+            ensure!(
+                seen == *a_ip,
+                "{b_ns} saw {seen} as the source of {a_ip}: NAT?"
+            );
+        }
+        for n in &tb.nodes {
+            ensure!(
+                pings(tb, a_ns, n.underlay_ip)?,
+                "{a_ns} cannot ping node {}",
+                n.name
+            );
+            ensure!(
+                pings(tb, &n.netns, *a_ip)?,
+                "node {} cannot ping {a_ip}",
+                n.name
+            );
+        }
+    }
+    Ok(())
+}
+
+fn underlay_is_vxlan(tb: &mut Testbed) -> Result<()> {
+    let (a, b) = (
+        tb.pods[0].netns.clone(),
+        tb.pods[PODS_PER_NODE].address.context("addr")?,
+    );
+    let mut cap = Command::new("ip")
+        .args([
+            "netns",
+            "exec",
+            &tb.underlay,
+            "tcpdump",
+            "-n",
+            "-v",
+            "-l",
+            "-T",
+            "vxlan",
+            "-c",
+            "2",
+            "-i",
+            "ul0",
+            "udp",
+            "port",
+            "8472",
+        ])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .context("tcpdump (apt-get install tcpdump)")?;
+    std::thread::sleep(Duration::from_millis(500));
+    for _ in 0..3 {
+        pings(tb, &a, b)?;
+    }
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while Instant::now() < deadline && cap.try_wait()?.is_none() {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let _ = cap.kill();
+    let out = cap.wait_with_output()?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    ensure!(
+        text.contains("VXLAN") && text.contains("vni 6783"),
+        "the capture did not decode as VXLAN vni 6783:\n{text}"
+    );
+    ensure!(
+        text.contains(&b.to_string()),
+        "inner packet to {b} not seen:\n{text}"
+    );
+    Ok(())
+}
+
+fn route_is_restored(tb: &mut Testbed) -> Result<()> {
+    let before = routes(tb, 0)?;
+    let victim = before.first().context("no routes on node 1")?.clone();
+    let dst = victim
+        .split_whitespace()
+        .next()
+        .unwrap_or_default()
+        .to_string();
+    tb.ns(
+        &tb.nodes[0].netns,
+        &["ip", "route", "del", &dst, "dev", "mesh-vxlan"],
+    )?;
+    let started = Instant::now();
+    while started.elapsed() < Duration::from_secs(10) {
+        if routes(tb, 0)?.iter().any(|r| r.starts_with(&dst)) {
+            println!("  {dst} restored after {:.1?}", started.elapsed());
+            return Ok(());
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    bail!("route {dst} not restored within 10 s")
+}
+
+fn agent_stop_keeps_traffic(tb: &mut Testbed) -> Result<()> {
+    tb.stop_agent(1)?;
+    let result = (|| -> Result<()> {
+        let on_node2 = tb
+            .pods
+            .iter()
+            .filter(|p| p.node == 1)
+            .map(|p| p.address.expect("addr"))
+            .collect::<Vec<_>>();
+        for p in tb.pods.iter().filter(|p| p.node != 1) {
+            for ip in &on_node2 {
+                ensure!(
+                    pings(tb, &p.netns, *ip)?,
+                    "{} cannot reach {ip} while node 2's agent is stopped",
+                    p.name
+                );
+            }
+        }
+        Ok(())
+    })();
+    tb.start_agent(1)?;
+    tb.wait_ready(1, Duration::from_secs(30))
+        .map_err(|e| anyhow!("agent did not come back: {e}"))?;
+    result
+}
