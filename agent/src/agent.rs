@@ -26,6 +26,9 @@ use crate::transport::tls::{self, Auth};
 use mesh_proto::api::NodeNetworkStatus;
 
 pub async fn run(cfg: AgentConfig) -> Result<()> {
+    if cfg.uninstall {
+        return uninstall(&cfg).await;
+    }
     let resolved = cfg.resolve()?;
     if cfg.dataplane == Dataplane::Udp {
         warn!("the udp backend is not built yet: pods on this node are attached through the bridge, traffic to other nodes is not carried (use --dataplane vxlan)");
@@ -155,11 +158,15 @@ pub async fn run(cfg: AgentConfig) -> Result<()> {
                     local,
                     mtu,
                     mac: dataplane::vtep_mac(identity.peer_id.0),
+                    range,
                 };
                 let (desired_tx, desired_rx) = watch::channel(dataplane::Desired::default());
                 let (problem_tx, problem_rx) = watch::channel(None);
+                // Its own socket: the kernel allows one dump at a time per netlink socket,
+                // and the bridge task dumps too.
+                let tunnel_nl = Netlink::connect().context("cannot open netlink")?;
                 tokio::spawn(vxlan::run(
-                    nl.clone(),
+                    tunnel_nl,
                     vx,
                     desired_rx,
                     problem_tx,
@@ -217,6 +224,22 @@ pub async fn run(cfg: AgentConfig) -> Result<()> {
     let _ = std::fs::remove_file(&cfg.socket);
     outcome.map_err(|e| anyhow::anyhow!("mesh-agent stopped: {e}"))?;
     info!("mesh-agent stopped");
+    Ok(())
+}
+
+/// Removes what the data plane put on this node (iptables chains, the VXLAN device with
+/// its routes, the bridge) and exits; durable state in --state-dir is left alone.
+async fn uninstall(cfg: &AgentConfig) -> Result<()> {
+    dataplane::masquerade::remove();
+    let nl = Netlink::connect().context("cannot open netlink (needs root)")?;
+    for name in [vxlan::DEVICE, cfg.bridge.as_str()] {
+        match nl.delete_link(name).await {
+            Ok(true) => info!(link = name, "removed"),
+            Ok(false) => info!(link = name, "not present"),
+            Err(e) => warn!(link = name, error = %e, "cannot remove"),
+        }
+    }
+    info!("mesh data plane removed from this node (iptables chains MESH-POSTROUTING/MESH-FORWARD, {}, {})", vxlan::DEVICE, cfg.bridge);
     Ok(())
 }
 

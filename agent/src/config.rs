@@ -105,6 +105,11 @@ pub struct AgentConfig {
     #[arg(long, env = "MESH_MAX_CONNECTIONS", default_value_t = 64)]
     pub max_connections: usize,
 
+    /// Remove the data plane from this node (iptables chains, VXLAN device and routes,
+    /// the bridge) and exit, instead of running.
+    #[arg(long)]
+    pub uninstall: bool,
+
     /// Log filter (tracing EnvFilter syntax), e.g. `info` or `mesh_agent=debug`.
     #[arg(long, env = "MESH_LOG", default_value = "info")]
     pub log: String,

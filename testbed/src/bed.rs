@@ -197,6 +197,13 @@ impl Testbed {
             &["ip", "addr", "add", &format!("{ip}/24"), "dev", "eth0"],
         )?;
         self.ns(&netns, &["ip", "link", "set", "eth0", "up"])?;
+        // Like a real node: a default route to the underlay's router (.254; see
+        // `add_external` for a host there).
+        let router = Ipv4Addr::new(UNDERLAY_NET[0], UNDERLAY_NET[1], UNDERLAY_NET[2], 254);
+        self.ns(
+            &netns,
+            &["ip", "route", "add", "default", "via", &router.to_string()],
+        )?;
         let dir = self.work.join(&name);
         std::fs::create_dir_all(&dir)?;
         let socket = dir.join("mesh.sock");
@@ -234,6 +241,32 @@ impl Testbed {
             agent: None,
         });
         Ok(i)
+    }
+
+    /// A host outside the cluster range on the underlay (an "external" server), as a
+    /// namespace named `<prefix>-<name>`; returns the namespace.
+    pub fn add_external(&mut self, name: &str, ip: Ipv4Addr) -> Result<String> {
+        let netns = format!("{}-{name}", self.prefix);
+        let ul_end = format!("{}{name}", self.prefix);
+        run("ip", &["netns", "add", &netns])?;
+        self.ns(&netns, &["ip", "link", "set", "lo", "up"])?;
+        self.ns(
+            &self.underlay,
+            &[
+                "ip", "link", "add", &ul_end, "type", "veth", "peer", "name", "eth0", "netns",
+                &netns,
+            ],
+        )?;
+        self.ns(
+            &self.underlay,
+            &["ip", "link", "set", &ul_end, "master", "ul0", "up"],
+        )?;
+        self.ns(
+            &netns,
+            &["ip", "addr", "add", &format!("{ip}/24"), "dev", "eth0"],
+        )?;
+        self.ns(&netns, &["ip", "link", "set", "eth0", "up"])?;
+        Ok(netns)
     }
 
     /// Starts (or restarts) node `i`'s agent. It dies with this process.

@@ -33,8 +33,24 @@ fn main() {
         ("the underlay carries VXLAN with our VNI", underlay_is_vxlan),
         ("a route deleted by hand comes back", route_is_restored),
         (
+            "egress is masqueraded, pod to node is not",
+            egress_masquerade,
+        ),
+        (
+            "a kube-proxy style ClusterIP DNAT to a remote pod works",
+            cluster_ip_dnat,
+        ),
+        (
+            "a full-size packet crosses without fragmentation",
+            full_size_packet,
+        ),
+        (
             "a stopped agent does not stop traffic through its node",
             agent_stop_keeps_traffic,
+        ),
+        (
+            "--uninstall removes chains, devices and routes",
+            uninstall_cleans_the_node,
         ),
     ];
     let mut failed = 0;
@@ -256,4 +272,187 @@ fn agent_stop_keeps_traffic(tb: &mut Testbed) -> Result<()> {
     tb.wait_ready(1, Duration::from_secs(30))
         .map_err(|e| anyhow!("agent did not come back: {e}"))?;
     result
+}
+
+fn egress_masquerade(tb: &mut Testbed) -> Result<()> {
+    let ext_ip = Ipv4Addr::new(192, 168, 77, 250);
+    let ext = match tb
+        .leftover_namespaces()
+        .into_iter()
+        .find(|n| n.ends_with("-ext"))
+    {
+        Some(ns) => ns,
+        None => tb.add_external("ext", ext_ip)?,
+    };
+    let pod = &tb.pods[0];
+    let (pod_ns, pod_ip, node) = (pod.netns.clone(), pod.address.context("addr")?, pod.node);
+    let node_ip = tb.nodes[node].underlay_ip;
+    let seen = probe::udp_source(&pod_ns, &ext, ext_ip, 19001)?;
+    if seen != node_ip {
+        let nat = tb.ns(&tb.nodes[node].netns, &["iptables", "-t", "nat", "-S"])?;
+        bail!(
+            "the external host saw {seen}, expected the node address {node_ip}; nat table:\n{}",
+            String::from_utf8_lossy(&nat.stdout)
+        );
+    }
+    let other = (node + 1) % NODES;
+    let seen = probe::udp_source(
+        &pod_ns,
+        &tb.nodes[other].netns,
+        tb.nodes[other].underlay_ip,
+        19002,
+    )?;
+    ensure!(
+        seen == pod_ip,
+        "node {} saw {seen} from pod {pod_ip}: pod-to-node must not be NATed",
+        other + 1
+    );
+    Ok(())
+}
+
+/// What kube-proxy (iptables mode) writes for a ClusterIP Service, reduced to one endpoint.
+fn kube_proxy_rules(cluster_ip: Ipv4Addr, port: u16, endpoint: Ipv4Addr) -> String {
+    format!(
+        "*nat
+:KUBE-SERVICES - [0:0]
+:KUBE-SVC-MESHTEST - [0:0]
+:KUBE-SEP-MESHTEST - [0:0]
+:KUBE-MARK-MASQ - [0:0]
+:KUBE-POSTROUTING - [0:0]
+-A PREROUTING -m comment --comment \"kubernetes service portals\" -j KUBE-SERVICES
+-A OUTPUT -m comment --comment \"kubernetes service portals\" -j KUBE-SERVICES
+-A POSTROUTING -m comment --comment \"kubernetes postrouting rules\" -j KUBE-POSTROUTING
+-A KUBE-MARK-MASQ -j MARK --set-xmark 0x4000/0x4000
+-A KUBE-POSTROUTING -m mark ! --mark 0x4000/0x4000 -j RETURN
+-A KUBE-POSTROUTING -j MARK --set-xmark 0x4000/0x0
+-A KUBE-POSTROUTING -m comment --comment \"kubernetes service traffic requiring SNAT\" -j MASQUERADE --random-fully
+-A KUBE-SERVICES -d {cluster_ip}/32 -p udp -m udp --dport {port} -j KUBE-SVC-MESHTEST
+-A KUBE-SVC-MESHTEST ! -s 10.32.0.0/12 -d {cluster_ip}/32 -p udp -m udp --dport {port} -j KUBE-MARK-MASQ
+-A KUBE-SVC-MESHTEST -j KUBE-SEP-MESHTEST
+-A KUBE-SEP-MESHTEST -p udp -m udp -j DNAT --to-destination {endpoint}:{port}
+COMMIT
+"
+    )
+}
+
+fn cluster_ip_dnat(tb: &mut Testbed) -> Result<()> {
+    let cluster_ip = Ipv4Addr::new(10, 96, 0, 10);
+    let port = 5353;
+    let client = tb
+        .pods
+        .iter()
+        .find(|p| p.node == 0)
+        .context("pod on node 1")?;
+    let server = tb
+        .pods
+        .iter()
+        .find(|p| p.node == 1)
+        .context("pod on node 2")?;
+    let (client_ns, client_ip) = (client.netns.clone(), client.address.context("addr")?);
+    let (server_ns, server_ip) = (server.netns.clone(), server.address.context("addr")?);
+    let node_ns = tb.nodes[0].netns.clone();
+    let rules = kube_proxy_rules(cluster_ip, port, server_ip);
+    let mut child = Command::new("ip")
+        .args(["netns", "exec", &node_ns, "iptables-restore", "--noflush"])
+        .stdin(Stdio::piped())
+        .spawn()?;
+    std::io::Write::write_all(child.stdin.as_mut().context("stdin")?, rules.as_bytes())?;
+    ensure!(
+        child.wait()?.success(),
+        "iptables-restore of the kube-proxy rules failed"
+    );
+    // Pod -> ClusterIP: DNATed to the remote pod, source kept (traffic from the cluster
+    // range is not marked for masquerade).
+    let seen = udp_to(&client_ns, &server_ns, cluster_ip, port)?;
+    ensure!(
+        seen == client_ip,
+        "the endpoint saw {seen}, expected the client pod {client_ip}"
+    );
+    // Node -> ClusterIP: marked and masqueraded by kube-proxy's rule (once: ours steps
+    // aside for marked packets), and the reply finds its way back.
+    let seen = udp_to(&node_ns, &server_ns, cluster_ip, port)?;
+    let gateway = tb.status(0)?["node_network"]["address"]
+        .as_str()
+        .and_then(|a| a.split('/').next())
+        .and_then(|a| a.parse::<Ipv4Addr>().ok())
+        .context("gateway")?;
+    ensure!(
+        seen == gateway,
+        "the endpoint saw {seen} from the node, expected its gateway {gateway}"
+    );
+    Ok(())
+}
+
+/// Sends to `to`:`port` from `from_ns`, receives in `server_ns` on the same port (the
+/// DNAT keeps it), returns the source the server saw.
+fn udp_to(from_ns: &str, server_ns: &str, to: Ipv4Addr, port: u16) -> Result<Ipv4Addr> {
+    probe::udp_source(from_ns, server_ns, to, port)
+}
+
+fn full_size_packet(tb: &mut Testbed) -> Result<()> {
+    let a = &tb.pods[0];
+    let b = tb
+        .pods
+        .iter()
+        .find(|p| p.node != a.node)
+        .context("remote pod")?;
+    let mtu = a
+        .result
+        .as_ref()
+        .and_then(|r| r["interfaces"][2]["mtu"].as_u64())
+        .context("pod MTU in the CNI result")?;
+    ensure!(mtu == 1450, "pod MTU {mtu}, expected underlay 1500 - 50");
+    let size = (mtu - 28).to_string();
+    let out = tb.ns_output(
+        &a.netns,
+        &[
+            "ping",
+            "-c",
+            "2",
+            "-W",
+            "2",
+            "-M",
+            "do",
+            "-s",
+            &size,
+            &b.address.context("addr")?.to_string(),
+        ],
+    )?;
+    ensure!(
+        out.status.success(),
+        "a {mtu}-byte packet with DF did not cross: {}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    Ok(())
+}
+
+fn uninstall_cleans_the_node(tb: &mut Testbed) -> Result<()> {
+    let node = NODES - 1;
+    tb.stop_agent(node)?;
+    let ns = tb.nodes[node].netns.clone();
+    let agent = tb.bin("mesh-agent").display().to_string();
+    let out = tb.ns_output(&ns, &[&agent, "--uninstall"])?;
+    ensure!(
+        out.status.success(),
+        "--uninstall failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let links = tb.ns(&ns, &["ip", "-o", "link", "show"])?;
+    let links = String::from_utf8_lossy(&links.stdout).to_string();
+    ensure!(
+        !links.contains("mesh-vxlan") && !links.contains("mesh0"),
+        "links left: {links}"
+    );
+    for table in ["nat", "filter"] {
+        let rules = tb.ns(&ns, &["iptables", "-t", table, "-S"])?;
+        let rules = String::from_utf8_lossy(&rules.stdout).to_string();
+        ensure!(!rules.contains("MESH-"), "{table} rules left: {rules}");
+    }
+    let routes = tb.ns(&ns, &["ip", "route", "show", "proto", "109"])?;
+    ensure!(
+        routes.stdout.is_empty(),
+        "routes left: {}",
+        String::from_utf8_lossy(&routes.stdout)
+    );
+    Ok(())
 }

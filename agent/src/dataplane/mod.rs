@@ -4,6 +4,7 @@
 //! the blocks — a peer that is merely suspected (a gossip flap) keeps its routes; a peer
 //! that is reclaimed or removed loses them.
 
+pub mod masquerade;
 pub mod vxlan;
 
 use std::net::{IpAddr, Ipv4Addr};
@@ -39,6 +40,22 @@ pub struct Desired {
     /// This node's gateway: the source for traffic the node itself sends to remote pods.
     pub local_gateway: Option<Ipv4Addr>,
     pub remotes: Vec<Remote>,
+    /// Every node's underlay address (ours included): pod traffic to them is not NATed.
+    pub nodes: Vec<Ipv4Addr>,
+}
+
+/// The IPv4 underlay addresses of all known nodes.
+pub fn node_addresses<'a>(records: impl Iterator<Item = &'a PeerRecord>) -> Vec<Ipv4Addr> {
+    let mut out: Vec<Ipv4Addr> = records
+        .flat_map(|r| r.addresses.iter())
+        .filter_map(|a| match a.ip() {
+            IpAddr::V4(ip) => Some(ip),
+            IpAddr::V6(_) => None,
+        })
+        .collect();
+    out.sort();
+    out.dedup();
+    out
 }
 
 /// Remote nodes that run the VXLAN wire, have told us their endpoint, and own blocks.

@@ -155,6 +155,7 @@ impl Driver {
                 self.core.members().map(|m| &m.record),
                 self.ipam.core().ring(),
             ),
+            nodes: crate::dataplane::node_addresses(self.core.members().map(|m| &m.record)),
         };
         tunnel.desired.send_if_modified(|d| {
             let changed = *d != desired;

@@ -38,6 +38,8 @@ pub struct VxlanConfig {
     pub local: Ipv4Addr,
     pub mtu: u32,
     pub mac: [u8; 6],
+    /// The cluster range (for the egress NAT and forwarding rules).
+    pub range: crate::ipam::block::Block,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -266,6 +268,19 @@ async fn apply(nl: &Netlink, index: u32, seen: &Seen, step: &Step) -> Result<(),
 
 async fn reconcile(nl: &Netlink, cfg: &VxlanConfig, want: &Desired) -> Result<usize, VxlanError> {
     let index = ensure_device(nl, cfg).await?;
+    // Our gateway as a /32 on the device: the source MASQUERADE picks for traffic leaving
+    // through it (kube-proxy masquerades node-originated Service traffic), routable back.
+    if let Some(gw) = want.local_gateway {
+        let present = nl.addresses_v4(index).await?;
+        for (ip, prefix) in &present {
+            if (*ip, *prefix) != (gw, 32) {
+                nl.delete_address(index, *ip, *prefix).await?;
+            }
+        }
+        if !present.contains(&(gw, 32)) {
+            nl.add_address(index, gw, 32).await?;
+        }
+    }
     let seen = observe(nl, index).await?;
     let steps = plan::plan(want, &seen.state);
     for s in &steps {
@@ -284,12 +299,24 @@ pub async fn run(
     mut shutdown: watch::Receiver<bool>,
 ) {
     let mut last: Option<String> = None;
+    // The iptables rules are rewritten when the node list changes, and every 10 s to
+    // repair edits made behind our back.
+    let mut rules_for: Option<(Vec<Ipv4Addr>, std::time::Instant)> = None;
     loop {
         let want = desired.borrow_and_update().clone();
-        let problem = reconcile(&nl, &cfg, &want)
+        let mut problem = reconcile(&nl, &cfg, &want)
             .await
             .err()
             .map(|e| e.to_string());
+        let due = rules_for.as_ref().is_none_or(|(nodes, at)| {
+            *nodes != want.nodes || at.elapsed() >= Duration::from_secs(10)
+        });
+        if due {
+            match super::masquerade::apply(cfg.range, &want.nodes) {
+                Ok(()) => rules_for = Some((want.nodes.clone(), std::time::Instant::now())),
+                Err(e) => problem = Some(problem.map_or(e.clone(), |p| format!("{p}; {e}"))),
+            }
+        }
         if problem != last {
             match &problem {
                 Some(p) => warn!(device = DEVICE, problem = %p, "VXLAN data plane is not right"),
