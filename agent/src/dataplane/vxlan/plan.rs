@@ -115,6 +115,7 @@ mod tests {
         Desired {
             local_gateway: Some(Ipv4Addr::new(10, 32, 0, 1)),
             remotes,
+            nodes: Vec::new(),
         }
     }
 
