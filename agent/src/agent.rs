@@ -159,6 +159,7 @@ pub async fn run(cfg: AgentConfig) -> Result<()> {
                     mtu,
                     mac: dataplane::vtep_mac(identity.peer_id.0),
                     range,
+                    masquerade: cfg.masquerade,
                 };
                 let (desired_tx, desired_rx) = watch::channel(dataplane::Desired::default());
                 let (problem_tx, problem_rx) = watch::channel(None);

@@ -105,6 +105,11 @@ pub struct AgentConfig {
     #[arg(long, env = "MESH_MAX_CONNECTIONS", default_value_t = 64)]
     pub max_connections: usize,
 
+    /// Masquerade pod traffic leaving the cluster range (like Flannel's --ip-masq). Off
+    /// means no NAT rules, and no connection tracking cost, from mesh.
+    #[arg(long, env = "MESH_MASQUERADE", default_value_t = true, action = clap::ArgAction::Set)]
+    pub masquerade: bool,
+
     /// Remove the data plane from this node (iptables chains, VXLAN device and routes,
     /// the bridge) and exit, instead of running.
     #[arg(long)]

@@ -40,6 +40,8 @@ pub struct VxlanConfig {
     pub mac: [u8; 6],
     /// The cluster range (for the egress NAT and forwarding rules).
     pub range: crate::ipam::block::Block,
+    /// Whether to install the egress NAT and forwarding rules at all.
+    pub masquerade: bool,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -311,7 +313,7 @@ pub async fn run(
         let due = rules_for.as_ref().is_none_or(|(nodes, at)| {
             *nodes != want.nodes || at.elapsed() >= Duration::from_secs(10)
         });
-        if due {
+        if due && cfg.masquerade {
             match super::masquerade::apply(cfg.range, &want.nodes) {
                 Ok(()) => rules_for = Some((want.nodes.clone(), std::time::Instant::now())),
                 Err(e) => problem = Some(problem.map_or(e.clone(), |p| format!("{p}; {e}"))),
