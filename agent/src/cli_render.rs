@@ -97,7 +97,14 @@ fn pod_network(n: Option<&mesh_proto::api::NodeNetworkStatus>) -> String {
                 (Some(p), false) => format!("NOT READY: {p}"),
                 (None, false) => "not ready".to_string(),
             };
-            format!("bridge {} {address}, mtu {}: {state}", n.bridge, n.mtu)
+            let tunnel = match &n.tunnel_problem {
+                Some(p) => format!("; tunnel NOT RIGHT: {p}"),
+                None => String::new(),
+            };
+            format!(
+                "bridge {} {address}, mtu {}: {state}{tunnel}",
+                n.bridge, n.mtu
+            )
         }
     }
 }

@@ -120,7 +120,7 @@ impl Testbed {
     /// `privns::enter_private_mounts`.
     pub fn new(tag: &str) -> Result<Testbed> {
         let prefix = format!("{tag}{:05x}", std::process::id() & 0xfffff);
-        let work = std::env::temp_dir().join(format!("mesh-testbed-{prefix}"));
+        let work = crate::privns::scratch_dir().join(&prefix);
         let _ = std::fs::remove_dir_all(&work);
         std::fs::create_dir_all(&work)?;
         let secret = work.join("cluster-secret");

@@ -1,5 +1,5 @@
 //! A private mount namespace for the whole test process, with its own `/run/netns` and
-//! temp dir, so our namespaces and files never appear in (or collide with) the host's and
+//! scratch dir, so our namespaces and files never appear in (or collide with) the host's and
 //! vanish with us, however the process ends.
 
 use anyhow::{bail, Context, Result};
@@ -33,16 +33,24 @@ pub fn enter_private_mounts() -> Result<()> {
         Some("mode=0755"),
     )
     .context("mount a private tmpfs on /run/netns")?;
-    // Work directories (agent state, sockets, logs, containerd's root) go under the temp
-    // dir; a tmpfs there, private to us, means even a killed test leaves no files behind.
-    let scratch = std::env::temp_dir();
+    // Work directories (agent state, sockets, logs, containerd's root) go under a scratch
+    // dir with a tmpfs private to us, so even a killed test leaves no files behind (only
+    // the empty mount point). Not the whole temp dir: the checkout and its binaries may
+    // live there.
+    let scratch = scratch_dir();
+    std::fs::create_dir_all(&scratch).with_context(|| format!("mkdir {}", scratch.display()))?;
     mount(
         Some("tmpfs"),
         &scratch,
         Some("tmpfs"),
         MsFlags::empty(),
-        Some("mode=1777"),
+        Some("mode=0700"),
     )
     .with_context(|| format!("mount a private tmpfs on {}", scratch.display()))?;
     Ok(())
+}
+
+/// Where testbeds keep their files (a private tmpfs once `enter_private_mounts` ran).
+pub fn scratch_dir() -> std::path::PathBuf {
+    std::env::temp_dir().join("mesh-testbed")
 }

@@ -5,6 +5,7 @@
 //! that is reclaimed or removed loses them.
 
 pub mod masquerade;
+pub mod udp;
 pub mod vxlan;
 
 use std::net::{IpAddr, Ipv4Addr};

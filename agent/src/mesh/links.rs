@@ -187,7 +187,7 @@ impl Links {
     pub fn views(
         &self,
         names: impl Fn(&PeerId) -> Option<String>,
-        dataplane: &str,
+        dataplane: impl Fn(Option<&PeerId>) -> String,
         now: Instant,
     ) -> Vec<ConnectionView> {
         let mut rows = Vec::new();
@@ -199,7 +199,7 @@ impl Links {
                 direction: l.direction.as_str().into(),
                 state: "established".into(),
                 reason: String::new(),
-                dataplane: dataplane.into(),
+                dataplane: dataplane(Some(peer)),
                 since_seconds: now.duration_since(l.since).as_secs(),
             });
         }
@@ -218,7 +218,7 @@ impl Links {
                 direction: "out".into(),
                 state,
                 reason,
-                dataplane: dataplane.into(),
+                dataplane: dataplane(d.peer.as_ref()),
                 since_seconds: now.duration_since(d.since).as_secs(),
             });
         }
@@ -230,7 +230,7 @@ impl Links {
                 direction: "in".into(),
                 state: format!("failed: {reason}"),
                 reason: reason.clone(),
-                dataplane: dataplane.into(),
+                dataplane: dataplane(None),
                 since_seconds: now.duration_since(*at).as_secs(),
             });
         }
@@ -273,7 +273,7 @@ mod tests {
             "authentication failed: bad certificate".into(),
             now,
         );
-        let rows = l.views(|_| None, "none", now);
+        let rows = l.views(|_| None, |_| "none".to_string(), now);
         assert_eq!(rows.len(), 1);
         assert!(rows[0].state.starts_with("retrying: authentication failed"));
         assert!(l.dials[&target].next_try > now);

@@ -95,10 +95,31 @@ impl Driver {
         }
     }
 
+    /// The data plane carrying pod traffic to `peer`, for `meshctl status connections`.
+    fn dataplane_to(&self, peer: Option<&PeerId>) -> String {
+        let vxlan = |r: &mesh_proto::PeerRecord| {
+            r.capabilities
+                .dataplanes
+                .iter()
+                .any(|d| d == crate::dataplane::VXLAN)
+        };
+        if !vxlan(self.core.own_record()) {
+            return format!(
+                "none (this node runs --dataplane {})",
+                self.cfg.info.dataplane
+            );
+        }
+        match peer.and_then(|p| self.core.member(p)) {
+            None => "-".into(),
+            Some(m) if vxlan(&m.record) => crate::dataplane::VXLAN.into(),
+            Some(_) => "none (the peer carries no pod traffic)".into(),
+        }
+    }
+
     pub(super) fn report(&self, now: Instant) -> Report {
         let names = |p: &PeerId| self.core.member(p).map(|m| m.record.name.clone());
         let connections = ConnectionsResponse {
-            connections: self.links.views(names, &self.cfg.info.dataplane, now),
+            connections: self.links.views(names, |p| self.dataplane_to(p), now),
         };
         let peers = PeersResponse {
             peers: status::peer_views(&self.core, now),
