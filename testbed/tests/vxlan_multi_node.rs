@@ -52,6 +52,10 @@ fn main() {
             "--uninstall removes chains, devices and routes",
             uninstall_cleans_the_node,
         ),
+        (
+            "a removed node's routes go once rmpeer reclaims its blocks",
+            rmpeer_removes_routes,
+        ),
     ];
     let mut failed = 0;
     for (name, case) in cases {
@@ -437,12 +441,13 @@ fn uninstall_cleans_the_node(tb: &mut Testbed) -> Result<()> {
         "--uninstall failed: {}",
         String::from_utf8_lossy(&out.stderr)
     );
-    let links = tb.ns(&ns, &["ip", "-o", "link", "show"])?;
-    let links = String::from_utf8_lossy(&links.stdout).to_string();
-    ensure!(
-        !links.contains("mesh-vxlan") && !links.contains("mesh0"),
-        "links left: {links}"
-    );
+    for link in ["mesh-vxlan", "mesh0"] {
+        let out = tb.ns_output(&ns, &["ip", "link", "show", link])?;
+        ensure!(
+            !out.status.success(),
+            "{link} is still there after --uninstall"
+        );
+    }
     for table in ["nat", "filter"] {
         let rules = tb.ns(&ns, &["iptables", "-t", table, "-S"])?;
         let rules = String::from_utf8_lossy(&rules.stdout).to_string();
@@ -454,5 +459,87 @@ fn uninstall_cleans_the_node(tb: &mut Testbed) -> Result<()> {
         "routes left: {}",
         String::from_utf8_lossy(&routes.stdout)
     );
+    Ok(())
+}
+
+/// Runs after `uninstall_cleans_the_node` (the last node's agent is stopped for good).
+fn rmpeer_removes_routes(tb: &mut Testbed) -> Result<()> {
+    let gone = NODES - 1;
+    let gone_ip = tb.nodes[gone].underlay_ip.to_string();
+    let gone_name = tb.nodes[gone].name.clone();
+    ensure!(
+        routes(tb, 0)?.iter().any(|r| r.contains(&gone_ip)),
+        "node 1 had no routes via {gone_ip} to begin with"
+    );
+    let meshctl = tb.bin("meshctl").display().to_string();
+    let socket = tb.nodes[0].socket.display().to_string();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    // rmpeer refuses while the peer still looks alive; a stopped agent says goodbye, so
+    // this normally succeeds at once.
+    loop {
+        let out = tb.ns_output(
+            &tb.nodes[0].netns,
+            &[&meshctl, "--socket", &socket, "rmpeer", &gone_name],
+        )?;
+        if out.status.success() {
+            break;
+        }
+        if Instant::now() > deadline {
+            bail!(
+                "rmpeer {gone_name} kept failing: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    let started = Instant::now();
+    while started.elapsed() < Duration::from_secs(15) {
+        let left: Vec<String> = (0..gone)
+            .flat_map(|i| routes(tb, i).unwrap_or_default())
+            .filter(|r| r.contains(&gone_ip))
+            .collect();
+        if left.is_empty() {
+            for i in 0..gone {
+                for (what, args) in [
+                    ("neighbour", ["ip", "neigh", "show", "dev", "mesh-vxlan"]),
+                    ("FDB", ["bridge", "fdb", "show", "dev", "mesh-vxlan"]),
+                ] {
+                    let out = tb.ns(&tb.nodes[i].netns, &args)?;
+                    ensure!(
+                        !String::from_utf8_lossy(&out.stdout).contains(&gone_ip),
+                        "node {} kept the {what} entry for {gone_ip}",
+                        i + 1
+                    );
+                }
+            }
+            println!(
+                "  routes via {gone_ip} gone from every node {:.1?} after rmpeer",
+                started.elapsed()
+            );
+            // The reclaimed space is routed to its new owner: pods still reach each other.
+            return matrix_without(tb, gone);
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    bail!("routes via {gone_ip} still present 15 s after rmpeer")
+}
+
+fn matrix_without(tb: &Testbed, gone: usize) -> Result<()> {
+    let pods: Vec<(String, Ipv4Addr)> = tb
+        .pods
+        .iter()
+        .filter(|p| p.node != gone)
+        .map(|p| (p.netns.clone(), p.address.expect("address")))
+        .collect();
+    for (a, _) in &pods {
+        for (b, ip) in &pods {
+            if a != b {
+                ensure!(
+                    pings(tb, a, *ip)?,
+                    "{a} cannot reach {ip} after the reclaim"
+                );
+            }
+        }
+    }
     Ok(())
 }
