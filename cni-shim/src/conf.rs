@@ -45,9 +45,10 @@ pub fn at_least(version: &str, min: &str) -> bool {
     }
 }
 
-/// The `cniVersion` to answer a malformed or unsupported request in: the one it asked
-/// for if it named one, else the latest.
-pub fn error_version(stdin: &[u8]) -> String {
+/// The version to answer VERSION, and errors of any command, in: the `cniVersion` the
+/// request names if we speak it, else the latest (a bare `{"cniVersion": …}` is a normal
+/// VERSION request; an unreadable one still gets an answer).
+pub fn requested_version(stdin: &[u8]) -> String {
     serde_json::from_slice::<Value>(stdin)
         .ok()
         .and_then(|v| {
@@ -106,19 +107,6 @@ fn negotiate(m: &Map<String, Value>) -> CniResult<String> {
         ));
     }
     Ok(v)
-}
-
-/// For VERSION: only the requested version matters (a bare `{"cniVersion": …}` is
-/// normal); anything unreadable is answered with the latest.
-pub fn parse_version_request(stdin: &[u8]) -> String {
-    serde_json::from_slice::<Value>(stdin)
-        .ok()
-        .and_then(|v| {
-            v.get("cniVersion")
-                .and_then(Value::as_str)
-                .map(str::to_string)
-        })
-        .unwrap_or_else(|| LATEST.to_string())
 }
 
 fn opt_str(m: &Map<String, Value>, key: &str) -> CniResult<Option<String>> {

@@ -12,6 +12,7 @@ mod error;
 mod result;
 
 use std::io::{Read, Write};
+use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use error::{CniError, CniResult, INCOMPATIBLE_VERSION, IO_FAILURE};
@@ -29,16 +30,19 @@ fn main() {
         .take(MAX_STDIN)
         .read_to_end(&mut stdin)
         .map_err(|e| CniError::new(IO_FAILURE, format!("cannot read stdin: {e}")));
-    let outcome = read.and_then(|_| run(&stdin));
+    let mut log_file = None;
+    let outcome = read.and_then(|_| run(&stdin, &mut log_file));
     let (code, printed) = match outcome {
         Ok(Some(v)) => (0, Some(v.to_string())),
         Ok(None) => (0, None),
         Err(e) => {
             eprintln!("mesh-cni: {}", e.msg);
-            (1, Some(e.to_json(&conf::error_version(&stdin))))
+            (1, Some(e.to_json(&conf::requested_version(&stdin))))
         }
     };
-    log_call(&stdin, code, printed.as_deref(), started);
+    if let Some(path) = log_file {
+        log_call(&path, code, printed.as_deref(), started);
+    }
     if let Some(p) = printed {
         let mut out = std::io::stdout().lock();
         let _ = writeln!(out, "{p}");
@@ -47,21 +51,17 @@ fn main() {
     std::process::exit(code);
 }
 
-fn run(stdin: &[u8]) -> CniResult<Option<serde_json::Value>> {
+/// `log_file` is set as soon as the configuration names one, so failures are logged too.
+fn run(stdin: &[u8], log_file: &mut Option<PathBuf>) -> CniResult<Option<serde_json::Value>> {
     let env = env::parse(|k| std::env::var(k).ok())?;
     if env.command == Command::Version {
-        let asked = conf::parse_version_request(stdin);
-        let answer = if conf::SUPPORTED_VERSIONS.contains(&asked.as_str()) {
-            asked
-        } else {
-            conf::LATEST.to_string()
-        };
         return Ok(Some(json!({
-            "cniVersion": answer,
+            "cniVersion": conf::requested_version(stdin),
             "supportedVersions": conf::SUPPORTED_VERSIONS,
         })));
     }
     let conf = conf::parse(stdin)?;
+    log_file.clone_from(&conf.log_file);
     let min = match env.command {
         Command::Check => "0.4.0",
         Command::Gc | Command::Status => "1.1.0",
@@ -95,9 +95,7 @@ async fn dispatch(env: &CniEnv, conf: &conf::NetConf) -> CniResult<Option<serde_
 }
 
 /// With `logFile` set, one JSON line per call (best effort: logging never fails a call).
-fn log_call(stdin: &[u8], code: i32, printed: Option<&str>, started: Instant) {
-    let Ok(conf) = conf::parse(stdin) else { return };
-    let Some(path) = conf.log_file else { return };
+fn log_call(path: &Path, code: i32, printed: Option<&str>, started: Instant) {
     let var = |k: &str| std::env::var(k).unwrap_or_default();
     let line = json!({
         "time_unix_ms": std::time::SystemTime::now()

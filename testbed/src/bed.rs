@@ -73,6 +73,20 @@ pub struct Testbed {
     secret: PathBuf,
 }
 
+/// Makes the child get SIGKILL when this process dies, however it dies (so an
+/// interrupted test leaves no agent or containerd running).
+pub fn die_with_parent(cmd: &mut Command) {
+    // SAFETY: prctl is async-signal-safe; nothing else runs between fork and exec.
+    unsafe {
+        cmd.pre_exec(|| {
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+}
+
 /// Runs a command; Err with its output when it fails.
 pub fn run(cmd: &str, args: &[&str]) -> Result<Output> {
     let out = Command::new(cmd)
@@ -167,6 +181,60 @@ impl Testbed {
             .output()?)
     }
 
+    /// A namespace `netns` whose `eth0` (address `ip`/24) is plugged into the underlay
+    /// bridge through the veth end `ul_end`.
+    fn host_on_underlay(&self, netns: &str, ul_end: &str, ip: Ipv4Addr) -> Result<()> {
+        run("ip", &["netns", "add", netns])?;
+        self.ns(netns, &["ip", "link", "set", "lo", "up"])?;
+        let ul = self.underlay.as_str();
+        self.ns(
+            ul,
+            &[
+                "ip", "link", "add", ul_end, "type", "veth", "peer", "name", "eth0", "netns", netns,
+            ],
+        )?;
+        self.ns(ul, &["ip", "link", "set", ul_end, "master", "ul0", "up"])?;
+        self.ns(
+            netns,
+            &["ip", "addr", "add", &format!("{ip}/24"), "dev", "eth0"],
+        )?;
+        self.ns(netns, &["ip", "link", "set", "eth0", "up"])?;
+        Ok(())
+    }
+
+    /// `ping -c 1` from namespace `from_ns`; true when answered within 2 s.
+    pub fn pings(&self, from_ns: &str, to: Ipv4Addr) -> Result<bool> {
+        Ok(self
+            .ns_output(from_ns, &["ping", "-c", "1", "-W", "2", &to.to_string()])?
+            .status
+            .success())
+    }
+
+    /// Host ends of pod veths (`vmesh…`) in node `i`'s namespace.
+    pub fn host_veths(&self, i: usize) -> Result<Vec<String>> {
+        let out = self.ns(&self.nodes[i].netns, &["ip", "-o", "link", "show"])?;
+        Ok(String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .filter_map(|l| l.split(": ").nth(1))
+            .map(|n| n.split('@').next().unwrap_or(n).to_string())
+            .filter(|n| n.starts_with("vmesh"))
+            .collect())
+    }
+
+    /// (container id, address) of every allocation node `i`'s agent holds.
+    pub fn allocations(&self, i: usize) -> Result<Vec<(String, String)>> {
+        let v = crate::probe::agent_get(&self.nodes[i].socket, "/v1/allocations")?;
+        let field = |a: &Value, k: &str| a[k].as_str().unwrap_or_default().to_string();
+        Ok(v["allocations"]
+            .as_array()
+            .map(|list| {
+                list.iter()
+                    .map(|a| (field(a, "container_id"), field(a, "address")))
+                    .collect()
+            })
+            .unwrap_or_default())
+    }
+
     /// Adds a node namespace on the underlay (its agent is started separately).
     pub fn add_node(&mut self, opts: &AgentOptions) -> Result<usize> {
         let i = self.nodes.len();
@@ -179,24 +247,7 @@ impl Testbed {
             i as u8 + 1,
         );
         let ul_end = format!("{}{name}", self.prefix);
-        run("ip", &["netns", "add", &netns])?;
-        self.ns(&netns, &["ip", "link", "set", "lo", "up"])?;
-        self.ns(
-            &self.underlay,
-            &[
-                "ip", "link", "add", &ul_end, "type", "veth", "peer", "name", "eth0", "netns",
-                &netns,
-            ],
-        )?;
-        self.ns(
-            &self.underlay,
-            &["ip", "link", "set", &ul_end, "master", "ul0", "up"],
-        )?;
-        self.ns(
-            &netns,
-            &["ip", "addr", "add", &format!("{ip}/24"), "dev", "eth0"],
-        )?;
-        self.ns(&netns, &["ip", "link", "set", "eth0", "up"])?;
+        self.host_on_underlay(&netns, &ul_end, ip)?;
         // Like a real node: a default route to the underlay's router (.254; see
         // `add_external` for a host there).
         let router = Ipv4Addr::new(UNDERLAY_NET[0], UNDERLAY_NET[1], UNDERLAY_NET[2], 254);
@@ -248,24 +299,7 @@ impl Testbed {
     pub fn add_external(&mut self, name: &str, ip: Ipv4Addr) -> Result<String> {
         let netns = format!("{}-{name}", self.prefix);
         let ul_end = format!("{}{name}", self.prefix);
-        run("ip", &["netns", "add", &netns])?;
-        self.ns(&netns, &["ip", "link", "set", "lo", "up"])?;
-        self.ns(
-            &self.underlay,
-            &[
-                "ip", "link", "add", &ul_end, "type", "veth", "peer", "name", "eth0", "netns",
-                &netns,
-            ],
-        )?;
-        self.ns(
-            &self.underlay,
-            &["ip", "link", "set", &ul_end, "master", "ul0", "up"],
-        )?;
-        self.ns(
-            &netns,
-            &["ip", "addr", "add", &format!("{ip}/24"), "dev", "eth0"],
-        )?;
-        self.ns(&netns, &["ip", "link", "set", "eth0", "up"])?;
+        self.host_on_underlay(&netns, &ul_end, ip)?;
         Ok(netns)
     }
 
@@ -287,15 +321,7 @@ impl Testbed {
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)
             .stderr(log);
-        // SAFETY: prctl is async-signal-safe; nothing else runs between fork and exec.
-        unsafe {
-            cmd.pre_exec(|| {
-                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
-                    return Err(std::io::Error::last_os_error());
-                }
-                Ok(())
-            });
-        }
+        die_with_parent(&mut cmd);
         node.agent = Some(cmd.spawn().context("spawn mesh-agent")?);
         Ok(())
     }
@@ -342,6 +368,19 @@ impl Testbed {
             ],
         )?;
         Ok(serde_json::from_slice(&out.stdout)?)
+    }
+
+    /// Node `i`'s gateway (the bridge address), from `meshctl status`.
+    pub fn gateway(&self, i: usize) -> Result<Ipv4Addr> {
+        let s = self.status(i)?;
+        let a = s["node_network"]["address"]
+            .as_str()
+            .context("no gateway address in meshctl status")?;
+        a.split('/')
+            .next()
+            .unwrap_or_default()
+            .parse()
+            .with_context(|| format!("gateway {a:?} is not an IPv4 address"))
     }
 
     /// Waits until node `i`'s pod network is ready (IPAM has space, bridge set up).

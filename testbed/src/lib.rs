@@ -12,6 +12,7 @@ pub mod cni;
 pub mod gate;
 pub mod privns;
 pub mod probe;
+pub mod suite;
 
 pub use bed::{AgentOptions, Node, Pod, Testbed};
 pub use cni::{CniCall, Conflist};

@@ -9,96 +9,56 @@ use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, ensure, Context, Result};
 use mesh_testbed::cni::{Attachment, CniCall};
-use mesh_testbed::{gate, privns, probe, AgentOptions, Testbed};
+use mesh_testbed::{probe, suite, AgentOptions, Testbed};
 use serde_json::{json, Value};
 
 const NODE: usize = 0;
 
+const CASES: &[(&str, suite::Case)] = &[
+    (
+        "five pods reach each other and the node, no NAT",
+        five_pods_reach_each_other,
+    ),
+    (
+        "results answer in the requested cniVersion",
+        results_in_requested_version,
+    ),
+    (
+        "repeated ADD returns the same address",
+        repeated_add_is_idempotent,
+    ),
+    (
+        "CHECK passes, then fails once the address is removed",
+        check_detects_drift,
+    ),
+    (
+        "DEL five times, with empty and with vanished netns",
+        del_is_idempotent,
+    ),
+    (
+        "bad input gets the right code and leaves nothing",
+        bad_input_leaves_nothing,
+    ),
+    (
+        "chained with portmap and bandwidth",
+        chained_with_reference_plugins,
+    ),
+    (
+        "a deleted bridge is re-created with pods re-attached",
+        bridge_is_repaired,
+    ),
+    (
+        "GC releases what the runtime no longer lists",
+        gc_releases_unlisted,
+    ),
+    (
+        "agent down: ADD fails fast with 11, STATUS says so",
+        agent_down,
+    ),
+];
+
 fn main() {
-    if !gate::e2e_allowed("mesh-cni single-node end-to-end") {
-        return;
-    }
-    if let Err(e) = privns::enter_private_mounts() {
-        panic!("cannot set up a private mount namespace: {e:#}");
-    }
-    let mut tb = match setup() {
-        Ok(tb) => tb,
-        Err(e) => panic!("testbed set-up failed: {e:#}"),
-    };
-    type Case = fn(&mut Testbed) -> Result<()>;
-    let cases: &[(&str, Case)] = &[
-        (
-            "five pods reach each other and the node, no NAT",
-            five_pods_reach_each_other,
-        ),
-        (
-            "results answer in the requested cniVersion",
-            results_in_requested_version,
-        ),
-        (
-            "repeated ADD returns the same address",
-            repeated_add_is_idempotent,
-        ),
-        (
-            "CHECK passes, then fails once the address is removed",
-            check_detects_drift,
-        ),
-        (
-            "DEL five times, with empty and with vanished netns",
-            del_is_idempotent,
-        ),
-        (
-            "bad input gets the right code and leaves nothing",
-            bad_input_leaves_nothing,
-        ),
-        (
-            "chained with portmap and bandwidth",
-            chained_with_reference_plugins,
-        ),
-        (
-            "a deleted bridge is re-created with pods re-attached",
-            bridge_is_repaired,
-        ),
-        (
-            "GC releases what the runtime no longer lists",
-            gc_releases_unlisted,
-        ),
-        (
-            "agent down: ADD fails fast with 11, STATUS says so",
-            agent_down,
-        ),
-    ];
-    let filter = std::env::args().nth(1).filter(|a| !a.starts_with('-'));
-    let mut failed = 0;
-    for (name, case) in cases {
-        if filter.as_ref().is_some_and(|f| !name.contains(f.as_str())) {
-            continue;
-        }
-        let started = Instant::now();
-        match case(&mut tb) {
-            Ok(()) => println!("test {name} ... ok ({:.1?})", started.elapsed()),
-            Err(e) => {
-                failed += 1;
-                println!(
-                    "test {name} ... FAILED ({:.1?})\n  {e:#}",
-                    started.elapsed()
-                );
-            }
-        }
-    }
-    if failed > 0 {
-        println!("{}", tb.logs(40));
-    }
-    tb.down();
-    let left = tb.leftover_namespaces();
-    if !left.is_empty() {
-        println!("leftover namespaces after down: {left:?}");
-        failed += 1;
-    }
-    println!("\n{failed} failed");
-    if failed > 0 {
-        std::process::exit(1);
-    }
+    suite::run("mesh-cni single-node end-to-end", setup, CASES);
 }
 
 fn setup() -> Result<Testbed> {
@@ -118,49 +78,8 @@ fn setup() -> Result<Testbed> {
     Ok(tb)
 }
 
-fn gateway(tb: &Testbed) -> Result<Ipv4Addr> {
-    let s = tb.status(NODE)?;
-    let a = s["node_network"]["address"]
-        .as_str()
-        .context("no gateway address in status")?;
-    Ok(a.split('/').next().unwrap_or_default().parse()?)
-}
-
-fn host_veths(tb: &Testbed) -> Result<Vec<String>> {
-    let out = tb.ns(&tb.nodes[NODE].netns, &["ip", "-o", "link", "show"])?;
-    Ok(String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .filter_map(|l| l.split(": ").nth(1))
-        .map(|n| n.split('@').next().unwrap_or(n).to_string())
-        .filter(|n| n.starts_with("vmesh"))
-        .collect())
-}
-
-fn allocations(tb: &Testbed) -> Result<Vec<(String, String)>> {
-    let v = probe::agent_get(&tb.nodes[NODE].socket, "/v1/allocations")?;
-    Ok(v["allocations"]
-        .as_array()
-        .cloned()
-        .unwrap_or_default()
-        .iter()
-        .map(|a| {
-            (
-                a["container_id"].as_str().unwrap_or_default().to_string(),
-                a["address"].as_str().unwrap_or_default().to_string(),
-            )
-        })
-        .collect())
-}
-
-fn pings(tb: &Testbed, from_ns: &str, to: Ipv4Addr) -> Result<bool> {
-    Ok(tb
-        .ns_output(from_ns, &["ping", "-c", "1", "-W", "2", &to.to_string()])?
-        .status
-        .success())
-}
-
 fn five_pods_reach_each_other(tb: &mut Testbed) -> Result<()> {
-    let gw = gateway(tb)?;
+    let gw = tb.gateway(NODE)?;
     let node_ns = tb.nodes[NODE].netns.clone();
     let node_ip = tb.nodes[NODE].underlay_ip;
     let pods: Vec<(String, Ipv4Addr)> = tb
@@ -180,7 +99,7 @@ fn five_pods_reach_each_other(tb: &mut Testbed) -> Result<()> {
             if a_ns == b_ns {
                 continue;
             }
-            ensure!(pings(tb, a_ns, *b_ip)?, "{a_ns} cannot ping {b_ip}");
+            ensure!(tb.pings(a_ns, *b_ip)?, "{a_ns} cannot ping {b_ip}");
             port += 1;
             let seen = probe::udp_source(a_ns, b_ns, *b_ip, port)?;
             ensure!(
@@ -188,13 +107,13 @@ fn five_pods_reach_each_other(tb: &mut Testbed) -> Result<()> {
                 "{b_ns} saw {seen} as the source of {a_ns} ({a_ip}): NAT?"
             );
         }
-        ensure!(pings(tb, a_ns, gw)?, "{a_ns} cannot ping the gateway {gw}");
+        ensure!(tb.pings(a_ns, gw)?, "{a_ns} cannot ping the gateway {gw}");
         ensure!(
-            pings(tb, a_ns, node_ip)?,
+            tb.pings(a_ns, node_ip)?,
             "{a_ns} cannot ping the node at {node_ip}"
         );
         ensure!(
-            pings(tb, &node_ns, *a_ip)?,
+            tb.pings(&node_ns, *a_ip)?,
             "the node cannot ping {a_ns} at {a_ip}"
         );
         port += 1;
@@ -273,7 +192,7 @@ fn repeated_add_is_idempotent(tb: &mut Testbed) -> Result<()> {
             .unwrap_or_default()
     );
     ensure!(
-        host_veths(tb)?.len() == 5,
+        tb.host_veths(NODE)?.len() == 5,
         "a repeated ADD created another veth"
     );
     Ok(())
@@ -317,7 +236,7 @@ fn del_is_idempotent(tb: &mut Testbed) -> Result<()> {
     let cid = att.container_id.clone();
     let netns = pod.netns.clone();
     ensure!(
-        allocations(tb)?.iter().any(|a| a.0 == cid),
+        tb.allocations(NODE)?.iter().any(|a| a.0 == cid),
         "no allocation after ADD"
     );
     for round in 1..=5 {
@@ -344,11 +263,11 @@ fn del_is_idempotent(tb: &mut Testbed) -> Result<()> {
         "DEL with a vanished netns and no prevResult failed: {failed:?}"
     );
     ensure!(
-        !allocations(tb)?.iter().any(|a| a.0 == cid),
+        !tb.allocations(NODE)?.iter().any(|a| a.0 == cid),
         "allocation survived DEL"
     );
     ensure!(
-        !host_veths(tb)?.contains(&host_name(&att)),
+        !tb.host_veths(NODE)?.contains(&host_name(&att)),
         "host veth survived DEL"
     );
     tb.pods.remove(p);
@@ -372,8 +291,8 @@ fn bad_input_leaves_nothing(tb: &mut Testbed) -> Result<()> {
         json!({"cniVersion": v, "name": "mesh", "type": "mesh-cni", "agentSocket": socket})
             .to_string()
     };
-    let veths = host_veths(tb)?;
-    let allocs = allocations(tb)?;
+    let veths = tb.host_veths(NODE)?;
+    let allocs = tb.allocations(NODE)?;
     let no_ifname = Attachment {
         ifname: String::new(),
         ..att.clone()
@@ -418,9 +337,12 @@ fn bad_input_leaves_nothing(tb: &mut Testbed) -> Result<()> {
             "{what}: error lacks msg/cniVersion: {j}"
         );
     }
-    ensure!(host_veths(tb)? == veths, "bad input left a veth behind");
     ensure!(
-        allocations(tb)? == allocs,
+        tb.host_veths(NODE)? == veths,
+        "bad input left a veth behind"
+    );
+    ensure!(
+        tb.allocations(NODE)? == allocs,
         "bad input left an allocation behind"
     );
     let pod_links = tb.ns(&tb.pods[p].netns, &["ip", "-o", "link", "show"])?;
@@ -548,7 +470,7 @@ fn bridge_is_repaired(tb: &mut Testbed) -> Result<()> {
     );
     let started = Instant::now();
     while started.elapsed() < Duration::from_secs(10) {
-        if pings(tb, &a, b)? && pings(tb, &node_ns, b)? {
+        if tb.pings(&a, b)? && tb.pings(&node_ns, b)? {
             let after = index(tb)?;
             ensure!(
                 after != before,
@@ -580,7 +502,7 @@ fn gc_releases_unlisted(tb: &mut Testbed) -> Result<()> {
                       "cni.dev/valid-attachments": valid});
     let call = raw_call(tb, "GC", None, &conf.to_string())?;
     ensure!(call.ok(), "GC failed: {call}");
-    let allocs = allocations(tb)?;
+    let allocs = tb.allocations(NODE)?;
     ensure!(
         !allocs.iter().any(|a| a.0 == victim.container_id),
         "GC kept the unlisted allocation"
@@ -597,11 +519,11 @@ fn gc_releases_unlisted(tb: &mut Testbed) -> Result<()> {
         );
     }
     ensure!(
-        !host_veths(tb)?.contains(&host_name(&victim)),
+        !tb.host_veths(NODE)?.contains(&host_name(&victim)),
         "GC left the unlisted veth"
     );
     ensure!(
-        pings(tb, &tb.pods[0].netns, tb.pods[1].address.context("addr")?)?,
+        tb.pings(&tb.pods[0].netns, tb.pods[1].address.context("addr")?)?,
         "GC broke a listed pod"
     );
     Ok(())
@@ -614,7 +536,7 @@ fn agent_down(tb: &mut Testbed) -> Result<()> {
             .to_string();
     let p = tb.new_pod(NODE, "late")?;
     let att = tb.pods[p].attachment.clone();
-    let veths = host_veths(tb)?;
+    let veths = tb.host_veths(NODE)?;
     for (how, stop) in [("stopped", true), ("killed -9", false)] {
         if stop {
             tb.stop_agent(NODE)?;
@@ -640,12 +562,12 @@ fn agent_down(tb: &mut Testbed) -> Result<()> {
             "agent {how}: STATUS gave {status}"
         );
         ensure!(
-            host_veths(tb)? == veths,
+            tb.host_veths(NODE)? == veths,
             "agent {how}: failed ADD left a veth"
         );
         // Pods already attached keep talking on the node while the agent is away.
         ensure!(
-            pings(tb, &tb.pods[0].netns, tb.pods[1].address.context("addr")?)?,
+            tb.pings(&tb.pods[0].netns, tb.pods[1].address.context("addr")?)?,
             "agent {how}: existing pods lost connectivity"
         );
     }

@@ -7,78 +7,47 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, ensure, Context, Result};
-use mesh_testbed::{gate, privns, probe, AgentOptions, Testbed};
+use mesh_testbed::{probe, suite, AgentOptions, Testbed};
 use serde_json::json;
 
 const NODES: usize = 3;
 const PODS_PER_NODE: usize = 2;
 
+const CASES: &[(&str, suite::Case)] = &[
+    (
+        "every pod reaches every pod and every node, no NAT",
+        full_matrix,
+    ),
+    ("the underlay carries VXLAN with our VNI", underlay_is_vxlan),
+    ("a route deleted by hand comes back", route_is_restored),
+    (
+        "egress is masqueraded, pod to node is not",
+        egress_masquerade,
+    ),
+    (
+        "a kube-proxy style ClusterIP DNAT to a remote pod works",
+        cluster_ip_dnat,
+    ),
+    (
+        "a full-size packet crosses without fragmentation",
+        full_size_packet,
+    ),
+    (
+        "a stopped agent does not stop traffic through its node",
+        agent_stop_keeps_traffic,
+    ),
+    (
+        "--uninstall removes chains, devices and routes",
+        uninstall_cleans_the_node,
+    ),
+    (
+        "a removed node's routes go once rmpeer reclaims its blocks",
+        rmpeer_removes_routes,
+    ),
+];
+
 fn main() {
-    if !gate::e2e_allowed("vxlan data plane, 3 nodes") {
-        return;
-    }
-    if let Err(e) = privns::enter_private_mounts() {
-        panic!("cannot set up a private mount namespace: {e:#}");
-    }
-    let mut tb = match setup() {
-        Ok(tb) => tb,
-        Err(e) => panic!("testbed set-up failed: {e:#}"),
-    };
-    type Case = fn(&mut Testbed) -> Result<()>;
-    let cases: &[(&str, Case)] = &[
-        (
-            "every pod reaches every pod and every node, no NAT",
-            full_matrix,
-        ),
-        ("the underlay carries VXLAN with our VNI", underlay_is_vxlan),
-        ("a route deleted by hand comes back", route_is_restored),
-        (
-            "egress is masqueraded, pod to node is not",
-            egress_masquerade,
-        ),
-        (
-            "a kube-proxy style ClusterIP DNAT to a remote pod works",
-            cluster_ip_dnat,
-        ),
-        (
-            "a full-size packet crosses without fragmentation",
-            full_size_packet,
-        ),
-        (
-            "a stopped agent does not stop traffic through its node",
-            agent_stop_keeps_traffic,
-        ),
-        (
-            "--uninstall removes chains, devices and routes",
-            uninstall_cleans_the_node,
-        ),
-        (
-            "a removed node's routes go once rmpeer reclaims its blocks",
-            rmpeer_removes_routes,
-        ),
-    ];
-    let mut failed = 0;
-    for (name, case) in cases {
-        let started = Instant::now();
-        match case(&mut tb) {
-            Ok(()) => println!("test {name} ... ok ({:.1?})", started.elapsed()),
-            Err(e) => {
-                failed += 1;
-                println!(
-                    "test {name} ... FAILED ({:.1?})\n  {e:#}",
-                    started.elapsed()
-                );
-            }
-        }
-    }
-    if failed > 0 {
-        println!("{}", tb.logs(30));
-    }
-    tb.down();
-    println!("\n{failed} failed");
-    if failed > 0 {
-        std::process::exit(1);
-    }
+    suite::run("vxlan data plane, 3 nodes", setup, CASES);
 }
 
 fn setup() -> Result<Testbed> {
@@ -133,13 +102,6 @@ fn routes(tb: &Testbed, i: usize) -> Result<Vec<String>> {
         .collect())
 }
 
-fn pings(tb: &Testbed, from_ns: &str, to: Ipv4Addr) -> Result<bool> {
-    Ok(tb
-        .ns_output(from_ns, &["ping", "-c", "1", "-W", "2", &to.to_string()])?
-        .status
-        .success())
-}
-
 fn full_matrix(tb: &mut Testbed) -> Result<()> {
     let pods: Vec<(String, Ipv4Addr, usize)> = tb
         .pods
@@ -153,7 +115,7 @@ fn full_matrix(tb: &mut Testbed) -> Result<()> {
                 continue;
             }
             ensure!(
-                pings(tb, a_ns, *b_ip)?,
+                tb.pings(a_ns, *b_ip)?,
                 "{a_ns} ({a_ip}, node {a_node}) cannot ping {b_ip} (node {b_node})"
             );
             port += 1;
@@ -165,12 +127,12 @@ fn full_matrix(tb: &mut Testbed) -> Result<()> {
         }
         for n in &tb.nodes {
             ensure!(
-                pings(tb, a_ns, n.underlay_ip)?,
+                tb.pings(a_ns, n.underlay_ip)?,
                 "{a_ns} cannot ping node {}",
                 n.name
             );
             ensure!(
-                pings(tb, &n.netns, *a_ip)?,
+                tb.pings(&n.netns, *a_ip)?,
                 "node {} cannot ping {a_ip}",
                 n.name
             );
@@ -209,7 +171,7 @@ fn underlay_is_vxlan(tb: &mut Testbed) -> Result<()> {
         .context("tcpdump (apt-get install tcpdump)")?;
     std::thread::sleep(Duration::from_millis(500));
     for _ in 0..3 {
-        pings(tb, &a, b)?;
+        tb.pings(&a, b)?;
     }
     let deadline = Instant::now() + Duration::from_secs(5);
     while Instant::now() < deadline && cap.try_wait()?.is_none() {
@@ -264,7 +226,7 @@ fn agent_stop_keeps_traffic(tb: &mut Testbed) -> Result<()> {
         for p in tb.pods.iter().filter(|p| p.node != 1) {
             for ip in &on_node2 {
                 ensure!(
-                    pings(tb, &p.netns, *ip)?,
+                    tb.pings(&p.netns, *ip)?,
                     "{} cannot reach {ip} while node 2's agent is stopped",
                     p.name
                 );
@@ -367,30 +329,20 @@ fn cluster_ip_dnat(tb: &mut Testbed) -> Result<()> {
     );
     // Pod -> ClusterIP: DNATed to the remote pod, source kept (traffic from the cluster
     // range is not marked for masquerade).
-    let seen = udp_to(&client_ns, &server_ns, cluster_ip, port)?;
+    let seen = probe::udp_source(&client_ns, &server_ns, cluster_ip, port)?;
     ensure!(
         seen == client_ip,
         "the endpoint saw {seen}, expected the client pod {client_ip}"
     );
     // Node -> ClusterIP: marked and masqueraded by kube-proxy's rule (once: ours steps
     // aside for marked packets), and the reply finds its way back.
-    let seen = udp_to(&node_ns, &server_ns, cluster_ip, port)?;
-    let gateway = tb.status(0)?["node_network"]["address"]
-        .as_str()
-        .and_then(|a| a.split('/').next())
-        .and_then(|a| a.parse::<Ipv4Addr>().ok())
-        .context("gateway")?;
+    let seen = probe::udp_source(&node_ns, &server_ns, cluster_ip, port)?;
+    let gateway = tb.gateway(0)?;
     ensure!(
         seen == gateway,
         "the endpoint saw {seen} from the node, expected its gateway {gateway}"
     );
     Ok(())
-}
-
-/// Sends to `to`:`port` from `from_ns`, receives in `server_ns` on the same port (the
-/// DNAT keeps it), returns the source the server saw.
-fn udp_to(from_ns: &str, server_ns: &str, to: Ipv4Addr, port: u16) -> Result<Ipv4Addr> {
-    probe::udp_source(from_ns, server_ns, to, port)
 }
 
 fn full_size_packet(tb: &mut Testbed) -> Result<()> {
@@ -534,10 +486,7 @@ fn matrix_without(tb: &Testbed, gone: usize) -> Result<()> {
     for (a, _) in &pods {
         for (b, ip) in &pods {
             if a != b {
-                ensure!(
-                    pings(tb, a, *ip)?,
-                    "{a} cannot reach {ip} after the reclaim"
-                );
+                ensure!(tb.pings(a, *ip)?, "{a} cannot reach {ip} after the reclaim");
             }
         }
     }

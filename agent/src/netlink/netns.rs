@@ -33,8 +33,13 @@ where
     T: Send + 'static,
     F: FnOnce() -> T + Send + 'static,
 {
-    let file = open(path)?;
+    // No probe here: the worker's own setns refuses a file that is not a network
+    // namespace, with the same error.
     let shown = path.display().to_string();
+    let file = File::open(path).map_err(|source| NetlinkError::Netns {
+        path: shown.clone(),
+        source,
+    })?;
     std::thread::spawn(move || {
         setns(&file, CloneFlags::CLONE_NEWNET).map_err(|e| NetlinkError::Netns {
             path: shown.clone(),
