@@ -11,7 +11,8 @@ use tracing::{info, warn};
 
 use crate::api::{metrics::Metrics, server};
 use crate::config::{AgentConfig, Dataplane};
-use crate::dataplane::{self, vxlan, vxlan::VxlanConfig};
+use crate::dataplane::udp::{self, UdpConfig};
+use crate::dataplane::{self, vxlan, vxlan::VxlanConfig, Backend};
 use crate::ipam;
 use crate::ipam::block::Block;
 use crate::ipam::core::IpamConfig;
@@ -30,11 +31,6 @@ pub async fn run(cfg: AgentConfig) -> Result<()> {
         return uninstall(&cfg).await;
     }
     let resolved = cfg.resolve()?;
-    if cfg.dataplane == Dataplane::Udp {
-        warn!("the udp backend is not built yet: pods on this node are attached through the bridge, traffic to other nodes is not carried (use --dataplane vxlan)");
-    }
-    // `auto` is the kernel's VXLAN until the userspace path exists.
-    let tunnel = matches!(cfg.dataplane, Dataplane::Vxlan | Dataplane::Auto);
     let auth = match resolved.secret.clone() {
         Some(s) => Auth::ClusterSecret(s),
         None => {
@@ -58,6 +54,53 @@ pub async fn run(cfg: AgentConfig) -> Result<()> {
     })?;
     endpoint.set_default_client_config(crypto.client);
 
+    let netlink = match cfg.dataplane {
+        Dataplane::None => None,
+        _ => Some(
+            Netlink::connect()
+                .context("cannot open netlink (the data plane needs root / CAP_NET_ADMIN)")?,
+        ),
+    };
+    let mtu = match (cfg.mtu, &netlink) {
+        (Some(m), _) => m,
+        (None, Some(nl)) => pod_mtu_from_underlay(nl, resolved.advertise.ip()).await,
+        (None, None) => DEFAULT_POD_MTU,
+    };
+    let range: Block = cfg
+        .ipalloc_range
+        .parse()
+        .map_err(|e| anyhow::anyhow!("--ipalloc-range {}: {e}", cfg.ipalloc_range))?;
+    let vtep_mac = dataplane::vtep_mac(identity.peer_id.0);
+    let vx = match resolved.advertise.ip() {
+        std::net::IpAddr::V4(local) => Some(VxlanConfig {
+            vni: vxlan::DEFAULT_VNI,
+            port: cfg.vxlan_port,
+            local,
+            mtu,
+            mac: vtep_mac,
+            range,
+            masquerade: cfg.masquerade,
+        }),
+        std::net::IpAddr::V6(_) => None,
+    };
+    let backend = match (&netlink, &vx) {
+        (None, _) => None,
+        (Some(_), None) => {
+            warn!("the data plane needs an IPv4 --advertise-addr; pods can be attached but nothing crosses nodes");
+            None
+        }
+        (Some(nl), Some(vx)) => {
+            let kernel = match cfg.dataplane {
+                Dataplane::Auto => Some(vxlan::kernel_has_vxlan(nl, vx).await),
+                _ => None,
+            };
+            dataplane::choose(cfg.dataplane, kernel)
+        }
+    };
+    if let (Dataplane::Auto, Some(b)) = (cfg.dataplane, backend) {
+        info!(backend = b.name(), "--dataplane auto chose a backend");
+    }
+
     let record = PeerRecord {
         id: identity.peer_id,
         name: resolved.node_name.clone(),
@@ -65,13 +108,9 @@ pub async fn run(cfg: AgentConfig) -> Result<()> {
         version: 0,
         addresses: vec![resolved.advertise],
         capabilities: Capabilities {
-            dataplanes: if tunnel {
-                vec![dataplane::VXLAN.to_string()]
-            } else {
-                Vec::new()
-            },
-            vtep_mac: tunnel.then(|| dataplane::vtep_mac(identity.peer_id.0)),
-            vxlan_port: tunnel.then_some(cfg.vxlan_port),
+            dataplanes: backend.map(|b| b.name().to_string()).into_iter().collect(),
+            vtep_mac: backend.map(|_| vtep_mac),
+            vxlan_port: backend.map(|_| cfg.vxlan_port),
             authenticated: matches!(auth, Auth::ClusterSecret(_)),
         },
         connections: Vec::new(),
@@ -85,7 +124,10 @@ pub async fn run(cfg: AgentConfig) -> Result<()> {
     let info = StaticInfo {
         auth: auth.describe().to_string(),
         listen: cfg.listen.to_string(),
-        dataplane: cfg.dataplane.as_str().to_string(),
+        dataplane: match (cfg.dataplane, backend) {
+            (Dataplane::Auto, Some(b)) => format!("auto ({})", b.name()),
+            (d, _) => d.as_str().to_string(),
+        },
         ipam_range: cfg.ipalloc_range.clone(),
         protocol: resolved.protocol,
     };
@@ -95,26 +137,10 @@ pub async fn run(cfg: AgentConfig) -> Result<()> {
         protocol: resolved.protocol,
         info,
     };
-    let range: Block = cfg
-        .ipalloc_range
-        .parse()
-        .map_err(|e| anyhow::anyhow!("--ipalloc-range {}: {e}", cfg.ipalloc_range))?;
     let init = ipam::service::parse_init(cfg.ipalloc_init.as_deref(), resolved.peers_listed + 1)
         .map_err(anyhow::Error::msg)?;
     let mut ipam_cfg = IpamConfig::new(range, init);
     ipam_cfg.seed = identity.peer_id.0;
-    let netlink = match cfg.dataplane {
-        Dataplane::None => None,
-        _ => Some(
-            Netlink::connect()
-                .context("cannot open netlink (the data plane needs root / CAP_NET_ADMIN)")?,
-        ),
-    };
-    let mtu = match (cfg.mtu, &netlink) {
-        (Some(m), _) => m,
-        (None, Some(nl)) => pod_mtu_from_underlay(nl, resolved.advertise.ip()).await,
-        (None, None) => DEFAULT_POD_MTU,
-    };
     let ipam = IpamService::new(
         ipam_cfg,
         identity.peer_id,
@@ -148,37 +174,48 @@ pub async fn run(cfg: AgentConfig) -> Result<()> {
             }
             let (gateway_tx, gateway_rx) = watch::channel(None);
             let (status_tx, status_rx) = watch::channel(NodeNetworkStatus::default());
-            let tunnel_link = if tunnel {
-                let std::net::IpAddr::V4(local) = resolved.advertise.ip() else {
-                    anyhow::bail!("the vxlan data plane needs an IPv4 --advertise-addr");
-                };
-                let vx = VxlanConfig {
-                    vni: vxlan::DEFAULT_VNI,
-                    port: cfg.vxlan_port,
-                    local,
-                    mtu,
-                    mac: dataplane::vtep_mac(identity.peer_id.0),
-                    range,
-                    masquerade: cfg.masquerade,
-                };
-                let (desired_tx, desired_rx) = watch::channel(dataplane::Desired::default());
-                let (problem_tx, problem_rx) = watch::channel(None);
-                // Its own socket: the kernel allows one dump at a time per netlink socket,
-                // and the bridge task dumps too.
-                let tunnel_nl = Netlink::connect().context("cannot open netlink")?;
-                tokio::spawn(vxlan::run(
-                    tunnel_nl,
-                    vx,
-                    desired_rx,
-                    problem_tx,
-                    shutdown_rx.clone(),
-                ));
-                Some(TunnelLink {
-                    desired: desired_tx,
-                    problem: problem_rx,
-                })
-            } else {
-                None
+            let tunnel_link = match (backend, vx) {
+                (Some(b), Some(vx)) => {
+                    let (desired_tx, desired_rx) = watch::channel(dataplane::Desired::default());
+                    let (problem_tx, problem_rx) = watch::channel(None);
+                    // Its own socket: the kernel allows one dump at a time per netlink
+                    // socket, and the bridge task dumps too.
+                    let tunnel_nl = Netlink::connect().context("cannot open netlink")?;
+                    match b {
+                        Backend::Kernel => {
+                            tokio::spawn(vxlan::run(
+                                tunnel_nl,
+                                vx,
+                                desired_rx,
+                                problem_tx,
+                                shutdown_rx.clone(),
+                            ));
+                        }
+                        Backend::Userspace => {
+                            let u = UdpConfig {
+                                vni: vx.vni,
+                                port: vx.port,
+                                mtu: vx.mtu,
+                                mac: vx.mac,
+                                range: vx.range,
+                                masquerade: vx.masquerade,
+                                queues: cfg.udp_queues.unwrap_or_else(udp::default_queues),
+                            };
+                            tokio::spawn(udp::run(
+                                tunnel_nl,
+                                u,
+                                desired_rx,
+                                problem_tx,
+                                shutdown_rx.clone(),
+                            ));
+                        }
+                    }
+                    Some(TunnelLink {
+                        desired: desired_tx,
+                        problem: problem_rx,
+                    })
+                }
+                _ => None,
             };
             tokio::spawn(node_net::run(
                 nl,

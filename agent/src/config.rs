@@ -11,8 +11,11 @@ pub const DEFAULT_PORT: u16 = 6783;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 pub enum Dataplane {
+    /// The kernel's VXLAN device (traffic keeps flowing while the agent restarts).
     Vxlan,
+    /// Userspace: a TUN device and the agent's own forwarder, on the same VXLAN wire.
     Udp,
+    /// `vxlan` when the kernel can make a VXLAN device, `udp` otherwise.
     Auto,
     /// Control plane only: needs no root.
     None,
@@ -92,6 +95,11 @@ pub struct AgentConfig {
     /// VXLAN UDP port.
     #[arg(long, env = "MESH_VXLAN_PORT", default_value_t = 8472)]
     pub vxlan_port: u16,
+
+    /// TUN queues for the udp backend, each with two forwarder threads (default: one per
+    /// core, at most 4).
+    #[arg(long, env = "MESH_UDP_QUEUES")]
+    pub udp_queues: Option<usize>,
 
     /// Pod MTU (default: underlay MTU minus 50).
     #[arg(long, env = "MESH_MTU")]

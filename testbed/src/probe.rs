@@ -87,6 +87,71 @@ pub fn tcp_connects(netns: &str, to: SocketAddrV4) -> Result<bool> {
     .map_err(|_| anyhow!("connect thread panicked"))?
 }
 
+/// Streams `bytes` of a known pattern over TCP from namespace `from` to `to`:`port` in
+/// `to_ns`; the receiver checks every byte. Returns the throughput in Gbit/s. Exercises
+/// what single packets do not: segmentation offload, GRO and TCP checksums end to end.
+pub fn tcp_transfer(from: &str, to_ns: &str, to: Ipv4Addr, port: u16, bytes: usize) -> Result<f64> {
+    use std::io::{Read, Write};
+    let pattern = |i: usize| (i % 251) as u8;
+    let (ready_tx, ready_rx) = mpsc::channel();
+    let to_ns = to_ns.to_string();
+    let receiver = std::thread::spawn(move || -> Result<()> {
+        enter(&to_ns)?;
+        let l = TcpListener::bind(SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, port))?;
+        let _ = ready_tx.send(());
+        let (mut s, _) = l.accept()?;
+        s.set_read_timeout(Some(Duration::from_secs(5)))?;
+        let mut buf = vec![0u8; 1 << 16];
+        let mut at = 0usize;
+        loop {
+            let n = s.read(&mut buf).context("reading the stream")?;
+            if n == 0 {
+                break;
+            }
+            if let Some(bad) = (0..n).find(|k| buf[*k] != pattern(at + k)) {
+                return Err(anyhow!("byte {} of the stream is corrupt", at + bad));
+            }
+            at += n;
+        }
+        if at != bytes {
+            return Err(anyhow!("received {at} of {bytes} bytes"));
+        }
+        s.write_all(b"ok")?;
+        Ok(())
+    });
+    ready_rx
+        .recv_timeout(Duration::from_secs(3))
+        .map_err(|_| anyhow!("receiver did not start"))?;
+    let from = from.to_string();
+    let sender = std::thread::spawn(move || -> Result<f64> {
+        enter(&from)?;
+        let started = std::time::Instant::now();
+        let mut s = TcpStream::connect_timeout(
+            &SocketAddr::V4(SocketAddrV4::new(to, port)),
+            Duration::from_secs(3),
+        )
+        .context("connect")?;
+        s.set_write_timeout(Some(Duration::from_secs(10)))?;
+        s.set_read_timeout(Some(Duration::from_secs(10)))?;
+        let chunk: Vec<u8> = (0..251 * 256).map(pattern).collect();
+        let mut sent = 0usize;
+        while sent < bytes {
+            let n = chunk.len().min(bytes - sent);
+            s.write_all(&chunk[..n]).context("sending the stream")?;
+            sent += n;
+        }
+        s.shutdown(std::net::Shutdown::Write)?;
+        let mut ack = [0u8; 2];
+        s.read_exact(&mut ack).context("no acknowledgement")?;
+        Ok(bytes as f64 * 8.0 / started.elapsed().as_secs_f64() / 1e9)
+    });
+    let gbps = sender.join().map_err(|_| anyhow!("sender panicked"))?;
+    receiver
+        .join()
+        .map_err(|_| anyhow!("receiver panicked"))??;
+    gbps
+}
+
 /// One HTTP GET on a unix socket (the agent's local API), returning the JSON body.
 pub fn agent_get(socket: &std::path::Path, path: &str) -> Result<serde_json::Value> {
     use std::io::{Read, Write};

@@ -96,6 +96,26 @@ pub fn apply(range: Block, nodes: &[Ipv4Addr]) -> Result<(), String> {
     hook("filter", "FORWARD", FORWARD_CHAIN)
 }
 
+/// Keeps our rules in place from a backend's reconcile loop: rewrites them when the node
+/// list changes, and every 10 s to repair edits made behind our back.
+#[derive(Debug, Default)]
+pub struct Keeper {
+    applied: Option<(Vec<Ipv4Addr>, std::time::Instant)>,
+}
+
+impl Keeper {
+    pub fn tick(&mut self, range: Block, nodes: &[Ipv4Addr]) -> Result<(), String> {
+        let due = self.applied.as_ref().is_none_or(|(n, at)| {
+            n.as_slice() != nodes || at.elapsed() >= std::time::Duration::from_secs(10)
+        });
+        if due {
+            apply(range, nodes)?;
+            self.applied = Some((nodes.to_vec(), std::time::Instant::now()));
+        }
+        Ok(())
+    }
+}
+
 /// Removes the jumps and our chains (uninstall).
 pub fn remove() {
     for (table, from, chain) in [

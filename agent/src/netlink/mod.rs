@@ -314,6 +314,26 @@ impl Netlink {
         Ok(())
     }
 
+    /// Makes `ip/prefix` the link's only IPv4 address (our tunnel devices hold exactly the
+    /// gateway as a /32: the source the kernel and MASQUERADE pick for traffic through them).
+    pub async fn set_only_address(
+        &self,
+        index: u32,
+        ip: Ipv4Addr,
+        prefix: u8,
+    ) -> Result<(), NetlinkError> {
+        let present = self.addresses_v4(index).await?;
+        for (other, len) in &present {
+            if (*other, *len) != (ip, prefix) {
+                self.delete_address(index, *other, *len).await?;
+            }
+        }
+        if !present.contains(&(ip, prefix)) {
+            self.add_address(index, ip, prefix).await?;
+        }
+        Ok(())
+    }
+
     /// IPv4 routes of the main table.
     pub async fn routes_v4(&self) -> Result<Vec<Route4>, NetlinkError> {
         let filter = RouteMessageBuilder::<Ipv4Addr>::new().build();

@@ -6,7 +6,6 @@ pub mod plan;
 
 use std::collections::BTreeMap;
 use std::net::{IpAddr, Ipv4Addr};
-use std::time::Duration;
 
 use futures::TryStreamExt;
 use netlink_packet_route::neighbour::{
@@ -28,7 +27,6 @@ pub const DEVICE: &str = "mesh-vxlan";
 pub const ROUTE_PROTOCOL: u8 = 0x6d;
 /// Default VXLAN network identifier ("our VNI" on the wire).
 pub const DEFAULT_VNI: u32 = 6783;
-const RECONCILE_EVERY: Duration = Duration::from_secs(1);
 
 #[derive(Clone, Debug)]
 pub struct VxlanConfig {
@@ -106,6 +104,22 @@ pub async fn ensure_device(nl: &Netlink, cfg: &VxlanConfig) -> Result<u32, Vxlan
                     .map_err(NetlinkError::request(format!("repair {DEVICE}")))?;
             }
             Ok(l.index)
+        }
+    }
+}
+
+/// For `--dataplane auto`: creates (or adopts) our device, and says false only when the
+/// kernel does not know the `vxlan` link kind (no module): the one reason to go userspace.
+pub async fn kernel_has_vxlan(nl: &Netlink, cfg: &VxlanConfig) -> bool {
+    match ensure_device(nl, cfg).await {
+        Ok(_) => true,
+        Err(VxlanError::Netlink(e)) if e.errno() == Some(libc::EOPNOTSUPP) => {
+            warn!(error = %e, "the kernel cannot make VXLAN devices");
+            false
+        }
+        Err(e) => {
+            warn!(error = %e, "probing kernel VXLAN failed for another reason; staying on the kernel backend");
+            true
         }
     }
 }
@@ -273,15 +287,7 @@ async fn reconcile(nl: &Netlink, cfg: &VxlanConfig, want: &Desired) -> Result<us
     // Our gateway as a /32 on the device: the source MASQUERADE picks for traffic leaving
     // through it (kube-proxy masquerades node-originated Service traffic), routable back.
     if let Some(gw) = want.local_gateway {
-        let present = nl.addresses_v4(index).await?;
-        for (ip, prefix) in &present {
-            if (*ip, *prefix) != (gw, 32) {
-                nl.delete_address(index, *ip, *prefix).await?;
-            }
-        }
-        if !present.contains(&(gw, 32)) {
-            nl.add_address(index, gw, 32).await?;
-        }
+        nl.set_only_address(index, gw, 32).await?;
     }
     let seen = observe(nl, index).await?;
     let steps = plan::plan(want, &seen.state);
@@ -300,41 +306,16 @@ pub async fn run(
     status: watch::Sender<Option<String>>,
     mut shutdown: watch::Receiver<bool>,
 ) {
-    let mut last: Option<String> = None;
-    // The iptables rules are rewritten when the node list changes, and every 10 s to
-    // repair edits made behind our back.
-    let mut rules_for: Option<(Vec<Ipv4Addr>, std::time::Instant)> = None;
+    let mut rounds = super::Rounds::new(DEVICE, cfg.range, cfg.masquerade, status);
     loop {
         let want = desired.borrow_and_update().clone();
-        let mut problem = reconcile(&nl, &cfg, &want)
+        let problem = reconcile(&nl, &cfg, &want)
             .await
             .err()
             .map(|e| e.to_string());
-        let due = rules_for.as_ref().is_none_or(|(nodes, at)| {
-            *nodes != want.nodes || at.elapsed() >= Duration::from_secs(10)
-        });
-        if due && cfg.masquerade {
-            match super::masquerade::apply(cfg.range, &want.nodes) {
-                Ok(()) => rules_for = Some((want.nodes.clone(), std::time::Instant::now())),
-                Err(e) => problem = Some(problem.map_or(e.clone(), |p| format!("{p}; {e}"))),
-            }
-        }
-        if problem != last {
-            match &problem {
-                Some(p) => warn!(device = DEVICE, problem = %p, "VXLAN data plane is not right"),
-                None => info!(
-                    device = DEVICE,
-                    remotes = want.remotes.len(),
-                    "VXLAN data plane programmed"
-                ),
-            }
-            last = problem.clone();
-        }
-        status.send_replace(problem);
-        tokio::select! {
-            _ = tokio::time::sleep(RECONCILE_EVERY) => {}
-            r = desired.changed() => if r.is_err() { return },
-            _ = shutdown.changed() => return,
+        rounds.finish(problem, &want);
+        if !super::Rounds::next(&mut desired, &mut shutdown).await {
+            return;
         }
     }
 }

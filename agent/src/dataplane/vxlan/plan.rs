@@ -99,16 +99,9 @@ pub fn plan(want: &Desired, seen: &Observed) -> Vec<Step> {
 mod tests {
     use super::*;
     use crate::dataplane::Remote;
-    use mesh_proto::PeerId;
 
     fn remote(n: u8, blocks: &[&str]) -> Remote {
-        Remote {
-            peer: PeerId(u64::from(n)),
-            name: format!("n{n}"),
-            underlay: Ipv4Addr::new(192, 168, 1, n),
-            mac: [0x0a, 0x76, 0, 0, 0, n],
-            blocks: blocks.iter().map(|b| b.parse().unwrap()).collect(),
-        }
+        crate::dataplane::test_remote(n, blocks)
     }
 
     fn desired(remotes: Vec<Remote>) -> Desired {

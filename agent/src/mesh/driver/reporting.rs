@@ -95,24 +95,23 @@ impl Driver {
         }
     }
 
-    /// The data plane carrying pod traffic to `peer`, for `meshctl status connections`.
+    /// The data plane carrying pod traffic to `peer`, for `meshctl status connections`:
+    /// our backend, and the peer's when it runs the other one (same wire, both work).
     fn dataplane_to(&self, peer: Option<&PeerId>) -> String {
-        let vxlan = |r: &mesh_proto::PeerRecord| {
-            r.capabilities
-                .dataplanes
-                .iter()
-                .any(|d| d == crate::dataplane::VXLAN)
-        };
-        if !vxlan(self.core.own_record()) {
+        use crate::dataplane::backend_of;
+        let Some(ours) = backend_of(&self.core.own_record().capabilities) else {
             return format!(
                 "none (this node runs --dataplane {})",
                 self.cfg.info.dataplane
             );
-        }
+        };
         match peer.and_then(|p| self.core.member(p)) {
             None => "-".into(),
-            Some(m) if vxlan(&m.record) => crate::dataplane::VXLAN.into(),
-            Some(_) => "none (the peer carries no pod traffic)".into(),
+            Some(m) => match backend_of(&m.record.capabilities) {
+                Some(theirs) if theirs == ours => ours.to_string(),
+                Some(theirs) => format!("{ours} (peer runs {theirs})"),
+                None => "none (the peer carries no pod traffic)".into(),
+            },
         }
     }
 
