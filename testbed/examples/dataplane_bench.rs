@@ -4,9 +4,14 @@
 //! - `direct`: plain routes between the nodes (no tunnel): the limit;
 //! - `kernel-vxlan-by-hand`: Flannel's layout programmed with `ip` (VNI 1, nolearning,
 //!   /32 on the device, static neighbour + FDB, onlink route), MTU 1450;
-//! - `mesh-vxlan`: two real mesh-agents (`--dataplane vxlan`), pods via mesh-cni.
+//! - `mesh-vxlan`: two real mesh-agents (`--dataplane vxlan`), pods via mesh-cni, with
+//!   and without the masquerade rules;
+//! - `mesh-udp`: the same with the userspace backend (`--dataplane udp`);
+//! - `naive-tun-forwarder`: `naive_forwarder` (one syscall per packet, IP in UDP, MTU
+//!   1472), the baseline the udp backend must beat by 3x.
 //!
-//! Variants are interleaved per iteration. iperf3 TCP with 1 and 4 streams, ping RTT.
+//! Variants are interleaved per iteration. iperf3 TCP with 1 and 4 streams, ping RTT, and
+//! for userspace paths the CPU the forwarding processes used (both nodes, % of one core).
 //!
 //!   sudo scripts/bench-dataplane.sh [ITERATIONS] [SECONDS]
 
@@ -19,6 +24,8 @@ use serde_json::{json, Value};
 
 struct Path {
     name: &'static str,
+    /// Userspace forwarding processes whose CPU time is reported.
+    procs: Vec<u32>,
     client_ns: String,
     server_ns: String,
     server_ip: String,
@@ -276,6 +283,28 @@ fn ping_us(tb: &Testbed, p: &Path) -> Result<f64> {
     Ok(avg * 1000.0)
 }
 
+/// utime + stime of a process (all its threads), in clock ticks.
+fn cpu_ticks(pid: u32) -> u64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // The command name may hold spaces: fields count from after its closing parenthesis.
+    let after = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or_default();
+    let f: Vec<&str> = after.split_whitespace().collect();
+    let n = |i: usize| f.get(i).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
+    n(11) + n(12)
+}
+
+/// Runs `f` and returns its result with the CPU the processes used meanwhile, as % of
+/// one core.
+fn with_cpu<T>(procs: &[u32], f: impl FnOnce() -> Result<T>) -> Result<(T, f64)> {
+    let ticks = || procs.iter().map(|p| cpu_ticks(*p)).sum::<u64>();
+    // SAFETY: sysconf has no preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
+    let (before, started) = (ticks(), std::time::Instant::now());
+    let out = f()?;
+    let used = (ticks() - before) as f64 / hz;
+    Ok((out, 100.0 * used / started.elapsed().as_secs_f64()))
+}
+
 fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(|a, b| a.total_cmp(b));
     v[v.len() / 2]
@@ -295,14 +324,16 @@ fn main() -> Result<()> {
     // mesh-vxlan: two agents, one pod each; a second pair without masquerade rules (so
     // without connection tracking), like Flannel without --ip-masq.
     let pairs = [
-        ("true", "192.168.77.1,192.168.77.2"),
-        ("false", "192.168.77.3,192.168.77.4"),
+        ("vxlan", "true", "192.168.77.1,192.168.77.2"),
+        ("vxlan", "false", "192.168.77.3,192.168.77.4"),
+        ("udp", "true", "192.168.77.5,192.168.77.6"),
+        ("udp", "false", "192.168.77.7,192.168.77.8"),
     ];
-    for (masq, peers) in pairs {
+    for (dataplane, masq, peers) in pairs {
         for _ in 0..2 {
             tb.add_node(&AgentOptions {
                 ipalloc_init: Some("consensus=2".into()),
-                dataplane: "vxlan".into(),
+                dataplane: dataplane.into(),
                 extra: vec![
                     "--peers".into(),
                     peers.into(),
@@ -312,13 +343,14 @@ fn main() -> Result<()> {
             })?;
         }
     }
-    for i in 0..4 {
+    let agents = tb.nodes.len();
+    for i in 0..agents {
         tb.start_agent(i)?;
     }
-    for i in 0..4 {
+    for i in 0..agents {
         tb.wait_ready(i, Duration::from_secs(30))?;
     }
-    for i in 0..4 {
+    for i in 0..agents {
         let list = tb.conflist(i, "1.1.0", &[]);
         tb.add_pod(i, &format!("m{i}"), &list, &json!({}))?;
     }
@@ -355,32 +387,102 @@ fn main() -> Result<()> {
     hand_vxlan(&tb, &vb, "192.168.77.22", "0a:58:0a:ca:02:00", "10.202.2")?;
     hand_vxlan_peer(&tb, &va, "192.168.77.22", "0a:58:0a:ca:02:00", "10.202.2")?;
     hand_vxlan_peer(&tb, &vb, "192.168.77.21", "0a:58:0a:ca:01:00", "10.202.1")?;
+    // The naive forwarder pair: plain IP in UDP over TUN devices, MTU 1472.
+    let (na, npa, _) = manual_node(&tb, "na", "192.168.77.31", "10.203.1", 1472)?;
+    let (nb, npb, nip) = manual_node(&tb, "nb", "192.168.77.32", "10.203.2", 1472)?;
+    let naive_bin = std::env::current_exe()?.with_file_name("naive_forwarder");
+    let mut naive = Vec::new();
+    for (node, peer, own, other) in [
+        (&na, "192.168.77.32", "10.203.1", "10.203.2"),
+        (&nb, "192.168.77.31", "10.203.2", "10.203.1"),
+    ] {
+        let mut cmd = std::process::Command::new("ip");
+        cmd.args(["netns", "exec", node])
+            .arg(&naive_bin)
+            .args(["ntun", "5555", peer, "5555"]);
+        mesh_testbed::bed::die_with_parent(&mut cmd);
+        naive.push(
+            cmd.spawn()
+                .with_context(|| format!("{}", naive_bin.display()))?,
+        );
+        std::thread::sleep(Duration::from_millis(200));
+        ns(
+            &tb,
+            node,
+            &["ip", "link", "set", "ntun", "mtu", "1472", "up"],
+        )?;
+        ns(
+            &tb,
+            node,
+            &["ip", "addr", "add", &format!("{own}.0/32"), "dev", "ntun"],
+        )?;
+        ns(
+            &tb,
+            node,
+            &[
+                "ip",
+                "route",
+                "add",
+                &format!("{other}.0/24"),
+                "dev",
+                "ntun",
+            ],
+        )?;
+    }
+    let pids = |nodes: &[usize]| -> Vec<u32> {
+        nodes
+            .iter()
+            .filter_map(|i| tb.nodes[*i].agent_pid())
+            .collect()
+    };
+    let mesh_path = |name: &'static str, a: usize, b: usize, procs: Vec<u32>| -> Result<Path> {
+        Ok(Path {
+            name,
+            procs,
+            client_ns: tb.pods[a].netns.clone(),
+            server_ns: tb.pods[b].netns.clone(),
+            server_ip: tb.pods[b].address.context("mesh pod address")?.to_string(),
+        })
+    };
     let paths = vec![
         Path {
             name: "direct",
+            procs: Vec::new(),
             client_ns: dpa,
             server_ns: dpb,
             server_ip: dip,
         },
         Path {
             name: "kernel-vxlan-by-hand",
+            procs: Vec::new(),
             client_ns: vpa,
             server_ns: vpb,
             server_ip: vip,
         },
+        mesh_path("mesh-vxlan", 0, 1, Vec::new())?,
+        mesh_path("mesh-vxlan (no masq)", 2, 3, Vec::new())?,
+        mesh_path("mesh-udp", 4, 5, pids(&[4, 5]))?,
+        mesh_path("mesh-udp (no masq)", 6, 7, pids(&[6, 7]))?,
         Path {
-            name: "mesh-vxlan",
-            client_ns: tb.pods[0].netns.clone(),
-            server_ns: tb.pods[1].netns.clone(),
-            server_ip: tb.pods[1].address.context("mesh pod address")?.to_string(),
-        },
-        Path {
-            name: "mesh-vxlan (no masq)",
-            client_ns: tb.pods[2].netns.clone(),
-            server_ns: tb.pods[3].netns.clone(),
-            server_ip: tb.pods[3].address.context("mesh pod address")?.to_string(),
+            name: "naive-tun-forwarder",
+            procs: naive.iter().map(|c| c.id()).collect(),
+            client_ns: npa,
+            server_ns: npb,
+            server_ip: nip,
         },
     ];
+    // MESH_BENCH_ONLY=a,b keeps the paths whose names contain one of them (for profiling
+    // one path); ratios need the first two and the last, so those always stay.
+    let only = std::env::var("MESH_BENCH_ONLY").unwrap_or_default();
+    let last = paths.len() - 1;
+    let paths: Vec<Path> = paths
+        .into_iter()
+        .enumerate()
+        .filter(|(i, p)| {
+            only.is_empty() || *i < 2 || *i == last || only.split(',').any(|o| p.name.contains(o))
+        })
+        .map(|(_, p)| p)
+        .collect();
     // Wait until the mesh routes are in, then start the servers.
     for p in &paths {
         let mut ok = false;
@@ -414,35 +516,45 @@ fn main() -> Result<()> {
         )?;
     }
     std::thread::sleep(Duration::from_millis(500));
-    let mut results: Vec<(Vec<f64>, Vec<f64>, Vec<f64>)> =
-        paths.iter().map(|_| Default::default()).collect();
+    type Samples = (Vec<f64>, Vec<f64>, Vec<f64>, Vec<f64>, Vec<f64>);
+    let mut results: Vec<Samples> = paths.iter().map(|_| Default::default()).collect();
     for it in 0..iterations {
         for (i, p) in paths.iter().enumerate() {
-            let one = iperf(&tb, p, 1, secs)?;
-            let four = iperf(&tb, p, 4, secs)?;
+            let (one, cpu1) = with_cpu(&p.procs, || iperf(&tb, p, 1, secs))?;
+            let (four, cpu4) = with_cpu(&p.procs, || iperf(&tb, p, 4, secs))?;
             let rtt = ping_us(&tb, p)?;
-            eprintln!("iteration {} {:<22} 1 stream {one:6.2} Gbit/s  4 streams {four:6.2} Gbit/s  ping {rtt:6.0} us", it + 1, p.name);
+            eprintln!("iteration {} {:<22} 1 stream {one:6.2} Gbit/s  4 streams {four:6.2} Gbit/s  ping {rtt:6.0} us  cpu {cpu1:4.0}% / {cpu4:4.0}%", it + 1, p.name);
             results[i].0.push(one);
             results[i].1.push(four);
             results[i].2.push(rtt);
+            results[i].3.push(cpu1);
+            results[i].4.push(cpu4);
         }
     }
-    let med: Vec<(f64, f64, f64)> = results
+    let med: Vec<(f64, f64, f64, f64, f64)> = results
         .into_iter()
-        .map(|(a, b, c)| (median(a), median(b), median(c)))
+        .map(|(a, b, c, d, e)| (median(a), median(b), median(c), median(d), median(e)))
         .collect();
-    let (d1, d4, _) = med[0];
-    let (h1, h4, _) = med[1];
-    println!("\n| path | TCP 1 stream Gbit/s | x direct | x by-hand VXLAN | TCP 4 streams Gbit/s | x direct | x by-hand VXLAN | ping avg us |");
-    println!("|---|---|---|---|---|---|---|---|");
-    for (p, (one, four, rtt)) in paths.iter().zip(&med) {
+    let (d1, d4, ..) = med[0];
+    let (h1, h4, ..) = med[1];
+    let (n1, n4, ..) = med[paths.len() - 1];
+    println!("\n| path | TCP 1 stream Gbit/s | x direct | x by-hand VXLAN | x naive | TCP 4 streams Gbit/s | x direct | x by-hand VXLAN | x naive | ping avg us | forwarder CPU 1 / 4 streams |");
+    println!("|---|---|---|---|---|---|---|---|---|---|---|");
+    for (p, (one, four, rtt, cpu1, cpu4)) in paths.iter().zip(&med) {
+        let cpu = if p.procs.is_empty() {
+            "kernel".to_string()
+        } else {
+            format!("{cpu1:.0}% / {cpu4:.0}%")
+        };
         println!(
-            "| {} | {one:.2} | {:.2} | {:.2} | {four:.2} | {:.2} | {:.2} | {rtt:.0} |",
+            "| {} | {one:.2} | {:.2} | {:.2} | {:.2} | {four:.2} | {:.2} | {:.2} | {:.2} | {rtt:.0} | {cpu} |",
             p.name,
             one / d1,
             one / h1,
+            one / n1,
             four / d4,
-            four / h4
+            four / h4,
+            four / n4
         );
     }
     println!("\n({iterations} iterations x {secs} s, medians; variants interleaved)");
@@ -458,6 +570,10 @@ fn main() -> Result<()> {
                 );
             }
         }
+    }
+    for mut c in naive {
+        let _ = c.kill();
+        let _ = c.wait();
     }
     tb.down();
     Ok(())

@@ -283,8 +283,11 @@ pub fn run_rx(
     let mut storage = vec![0u8; quinn_udp::BATCH_SIZE * SLOT];
     let mut iovs: Vec<IoSliceMut<'_>> = storage.chunks_mut(SLOT).map(IoSliceMut::new).collect();
     let mut meta = vec![RecvMeta::default(); iovs.len()];
+    // Each slot can grow into a whole super-packet: tun-rs coalesces a run of segments
+    // into the first one's buffer and refuses (silently: one write per packet) when its
+    // capacity is short. Capacity is reserved, not touched, until GRO uses it.
     let mut out: Vec<Vec<u8>> = (0..IDEAL_BATCH_SIZE)
-        .map(|_| Vec::with_capacity(VIRTIO_NET_HDR_LEN + wire.mtu.max(1280)))
+        .map(|_| Vec::with_capacity(2 * VIRTIO_NET_HDR_LEN + 65_535))
         .collect();
     let mut used = 0usize;
     let mut scratch: Vec<u8> = Vec::with_capacity(frame::VIRTIO_HDR_LEN + SLOT);
