@@ -207,6 +207,7 @@ pub async fn run(cfg: AgentConfig) -> Result<()> {
                                 desired_rx,
                                 problem_tx,
                                 shutdown_rx.clone(),
+                                metrics.clone(),
                             ));
                         }
                     }

@@ -4,6 +4,8 @@
 //! - `direct`: plain routes between the nodes (no tunnel): the limit;
 //! - `kernel-vxlan-by-hand`: Flannel's layout programmed with `ip` (VNI 1, nolearning,
 //!   /32 on the device, static neighbour + FDB, onlink route), MTU 1450;
+//! - `kernel-vxlan-by-hand + masq`: the same plus Flannel's `--ip-masq` MASQUERADE rule
+//!   (like for like with mesh's default egress rules);
 //! - `mesh-vxlan`: two real mesh-agents (`--dataplane vxlan`), pods via mesh-cni, with
 //!   and without the masquerade rules;
 //! - `mesh-udp`: the same with the userspace backend (`--dataplane udp`);
@@ -387,6 +389,35 @@ fn main() -> Result<()> {
     hand_vxlan(&tb, &vb, "192.168.77.22", "0a:58:0a:ca:02:00", "10.202.2")?;
     hand_vxlan_peer(&tb, &va, "192.168.77.22", "0a:58:0a:ca:02:00", "10.202.2")?;
     hand_vxlan_peer(&tb, &vb, "192.168.77.21", "0a:58:0a:ca:01:00", "10.202.1")?;
+    // The same by hand plus Flannel's --ip-masq rule: like for like with mesh's default
+    // (any nat rule turns on connection tracking for every packet of the namespace).
+    let (ma, mpa, _) = manual_node(&tb, "ma", "192.168.77.23", "10.204.1", 1450)?;
+    let (mb, mpb, mip) = manual_node(&tb, "mb", "192.168.77.24", "10.204.2", 1450)?;
+    hand_vxlan(&tb, &ma, "192.168.77.23", "0a:58:0a:cc:01:00", "10.204.1")?;
+    hand_vxlan(&tb, &mb, "192.168.77.24", "0a:58:0a:cc:02:00", "10.204.2")?;
+    hand_vxlan_peer(&tb, &ma, "192.168.77.24", "0a:58:0a:cc:02:00", "10.204.2")?;
+    hand_vxlan_peer(&tb, &mb, "192.168.77.23", "0a:58:0a:cc:01:00", "10.204.1")?;
+    for node in [&ma, &mb] {
+        ns(
+            &tb,
+            node,
+            &[
+                "iptables",
+                "-t",
+                "nat",
+                "-A",
+                "POSTROUTING",
+                "-s",
+                "10.204.0.0/16",
+                "!",
+                "-d",
+                "10.204.0.0/16",
+                "-j",
+                "MASQUERADE",
+                "--random-fully",
+            ],
+        )?;
+    }
     // The naive forwarder pair: plain IP in UDP over TUN devices, MTU 1472.
     let (na, npa, _) = manual_node(&tb, "na", "192.168.77.31", "10.203.1", 1472)?;
     let (nb, npb, nip) = manual_node(&tb, "nb", "192.168.77.32", "10.203.2", 1472)?;
@@ -458,6 +489,13 @@ fn main() -> Result<()> {
             client_ns: vpa,
             server_ns: vpb,
             server_ip: vip,
+        },
+        Path {
+            name: "kernel-vxlan-by-hand + masq",
+            procs: Vec::new(),
+            client_ns: mpa,
+            server_ns: mpb,
+            server_ip: mip,
         },
         mesh_path("mesh-vxlan", 0, 1, Vec::new())?,
         mesh_path("mesh-vxlan (no masq)", 2, 3, Vec::new())?,

@@ -152,6 +152,36 @@ pub fn tcp_transfer(from: &str, to_ns: &str, to: Ipv4Addr, port: u16, bytes: usi
     gbps
 }
 
+/// The agent's Prometheus text from `127.0.0.1:6782/metrics` inside `netns`, as
+/// (series with labels, value) pairs.
+pub fn metrics(netns: &str) -> Result<Vec<(String, f64)>> {
+    use std::io::{Read, Write};
+    let netns = netns.to_string();
+    let text = std::thread::spawn(move || -> Result<String> {
+        enter(&netns)?;
+        let mut s = TcpStream::connect_timeout(
+            &SocketAddr::from((Ipv4Addr::LOCALHOST, 6782)),
+            Duration::from_secs(3),
+        )
+        .context("connect to the metrics port")?;
+        s.set_read_timeout(Some(Duration::from_secs(5)))?;
+        s.write_all(b"GET /metrics HTTP/1.0\r\nHost: localhost\r\n\r\n")?;
+        let mut out = String::new();
+        s.read_to_string(&mut out)?;
+        Ok(out)
+    })
+    .join()
+    .map_err(|_| anyhow!("metrics thread panicked"))??;
+    Ok(text
+        .lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter_map(|l| {
+            let (k, v) = l.rsplit_once(' ')?;
+            Some((k.to_string(), v.parse().ok()?))
+        })
+        .collect())
+}
+
 /// One HTTP GET on a unix socket (the agent's local API), returning the JSON body.
 pub fn agent_get(socket: &std::path::Path, path: &str) -> Result<serde_json::Value> {
     use std::io::{Read, Write};

@@ -46,6 +46,16 @@ pub struct Metrics {
     pub ipam_unreachable_share: Gauge<f64, AtomicU64>,
     pub ipam_pending_requests: Gauge,
     pub ipam_events: Family<EventLabel, Counter>,
+    pub forwarder_packets: Family<DirectionLabel, Counter>,
+    pub forwarder_bytes: Family<DirectionLabel, Counter>,
+    pub forwarder_sends: Counter,
+    pub forwarder_dropped: Family<ReasonLabel, Counter>,
+    pub forwarder_errors: Counter,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ReasonLabel {
+    pub reason: &'static str,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -122,7 +132,42 @@ impl Metrics {
             "IPAM events: split, space_requested, space_granted, space_denied, reclaimed, reclaim_refused, conflict, refused_peer, bad_entry",
             ipam_events.clone(),
         );
+        let forwarder_packets = Family::<DirectionLabel, Counter>::default();
+        registry.register(
+            "forwarder_packets",
+            "udp backend: pod packets sent to (tx) and received from (rx) other nodes",
+            forwarder_packets.clone(),
+        );
+        let forwarder_bytes = Family::<DirectionLabel, Counter>::default();
+        registry.register(
+            "forwarder_bytes",
+            "udp backend: pod packet bytes (inner IP) by direction",
+            forwarder_bytes.clone(),
+        );
+        let forwarder_sends = Counter::default();
+        registry.register(
+            "forwarder_sends",
+            "udp backend: sendmsg calls (each carries a UDP GSO run of datagrams)",
+            forwarder_sends.clone(),
+        );
+        let forwarder_dropped = Family::<ReasonLabel, Counter>::default();
+        registry.register(
+            "forwarder_dropped",
+            "udp backend: packets dropped: no_route, not_ipv4, foreign (not from a mesh node), malformed",
+            forwarder_dropped.clone(),
+        );
+        let forwarder_errors = Counter::default();
+        registry.register(
+            "forwarder_errors",
+            "udp backend: failed socket or TUN operations",
+            forwarder_errors.clone(),
+        );
         Arc::new(Metrics {
+            forwarder_packets,
+            forwarder_bytes,
+            forwarder_sends,
+            forwarder_dropped,
+            forwarder_errors,
             ipam_addresses,
             ipam_unreachable_share,
             ipam_pending_requests,

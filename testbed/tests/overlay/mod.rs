@@ -67,6 +67,10 @@ const CASES: &[(&str, suite::Case)] = &[
         "bulk TCP crosses intact between every pair of nodes",
         bulk_tcp_between_nodes,
     ),
+    (
+        "userspace nodes count their traffic, batched, with nothing dropped",
+        forwarder_metrics,
+    ),
     ("the underlay carries VXLAN with our VNI", underlay_is_vxlan),
     ("a route deleted by hand comes back", route_is_restored),
     (
@@ -225,6 +229,48 @@ fn bulk_tcp_between_nodes(tb: &mut Testbed) -> Result<()> {
                 backend(b)
             );
         }
+    }
+    Ok(())
+}
+
+/// Runs after the bulk transfers: every `udp` node has moved packets both ways, in far
+/// fewer sendmsg calls than packets (UDP GSO), and dropped nothing as foreign or
+/// malformed.
+fn forwarder_metrics(tb: &mut Testbed) -> Result<()> {
+    for i in (0..NODES).filter(|i| backend(*i) == "udp") {
+        let m = probe::metrics(&tb.nodes[i].netns)?;
+        let get = |name: &str| {
+            m.iter()
+                .filter(|(k, _)| k == name)
+                .map(|(_, v)| *v)
+                .sum::<f64>()
+        };
+        let tx = get("mesh_forwarder_packets_total{direction=\"tx\"}");
+        let rx = get("mesh_forwarder_packets_total{direction=\"rx\"}");
+        let sends = get("mesh_forwarder_sends_total");
+        let foreign = get("mesh_forwarder_dropped_total{reason=\"foreign\"}");
+        let malformed = get("mesh_forwarder_dropped_total{reason=\"malformed\"}");
+        let errors = get("mesh_forwarder_errors_total");
+        println!(
+            "  node {}: tx {tx} packets in {sends} sends ({:.1} per send), rx {rx}, errors {errors}",
+            i + 1,
+            tx / sends.max(1.0)
+        );
+        ensure!(
+            tx > 10_000.0 && rx > 10_000.0,
+            "node {} forwarded too little: tx {tx}, rx {rx}",
+            i + 1
+        );
+        ensure!(
+            sends * 4.0 < tx,
+            "node {}: {sends} sends for {tx} packets: no GSO batching",
+            i + 1
+        );
+        ensure!(
+            foreign == 0.0 && malformed == 0.0 && errors == 0.0,
+            "node {}: dropped foreign {foreign}, malformed {malformed}, errors {errors}",
+            i + 1
+        );
     }
     Ok(())
 }

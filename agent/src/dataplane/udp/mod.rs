@@ -26,6 +26,7 @@ use tun_rs::{DeviceBuilder, SyncDevice};
 
 use super::vxlan::ROUTE_PROTOCOL;
 use super::Desired;
+use crate::api::metrics::Metrics;
 use crate::netlink::{errno, Netlink, NetlinkError};
 use plan::{Step, TunRoute};
 use table::Table;
@@ -108,7 +109,7 @@ fn open_socket(port: u16) -> std::io::Result<(UdpSocket, UdpSocketState)> {
     Ok((sock, state))
 }
 
-async fn start(nl: &Netlink, cfg: &UdpConfig) -> Result<Forwarder, String> {
+async fn start(nl: &Netlink, cfg: &UdpConfig, metrics: &Metrics) -> Result<Forwarder, String> {
     // A kernel VXLAN device left from a run with the other backend holds our UDP port.
     match nl.delete_link(super::vxlan::DEVICE).await {
         Ok(true) => info!(
@@ -147,7 +148,7 @@ async fn start(nl: &Netlink, cfg: &UdpConfig) -> Result<Forwarder, String> {
             }
         }
     }
-    let shared = Arc::new(Shared::new().map_err(|e| format!("eventfd: {e}"))?);
+    let shared = Arc::new(Shared::new(Stats::new(metrics)).map_err(|e| format!("eventfd: {e}"))?);
     let mut threads = Vec::new();
     for (q, dev) in queues.into_iter().enumerate() {
         dev.set_nonblocking(true)
@@ -279,13 +280,15 @@ async fn reconcile(nl: &Netlink, index: u32, want: &Desired) -> Result<usize, Ne
 }
 
 /// Keeps the forwarder running and its routes and table matching `desired` until
-/// shutdown; publishes problems (or `None`) through `status`.
+/// shutdown; publishes problems (or `None`) through `status`, counters through `metrics`
+/// (`mesh_forwarder_*`).
 pub async fn run(
     nl: Netlink,
     cfg: UdpConfig,
     mut desired: watch::Receiver<Desired>,
     status: watch::Sender<Option<String>>,
     mut shutdown: watch::Receiver<bool>,
+    metrics: Arc<Metrics>,
 ) {
     let mut rounds = super::Rounds::new(DEVICE, cfg.range, cfg.masquerade, status);
     let mut forwarder: Option<Forwarder> = None;
@@ -302,7 +305,7 @@ pub async fn run(
             }
         }
         if forwarder.is_none() {
-            match start(&nl, &cfg).await {
+            match start(&nl, &cfg, &metrics).await {
                 Ok(f) => forwarder = Some(f),
                 Err(e) => problem = Some(e),
             }

@@ -11,6 +11,8 @@ use std::io::{self, IoSliceMut};
 use std::net::{Ipv4Addr, UdpSocket};
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::sync::atomic::{AtomicU64, Ordering};
+
+use prometheus_client::metrics::counter::Counter;
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
@@ -22,29 +24,59 @@ use tun_rs::{GROTable, SyncDevice, IDEAL_BATCH_SIZE, VIRTIO_NET_HDR_LEN};
 use super::frame::{self, Endpoints, OVERHEAD};
 use super::gso::GsoBatch;
 use super::table::Table;
+use crate::api::metrics::{DirectionLabel, Metrics, ReasonLabel};
 
-/// Counters the forwarder keeps (read by the driver for logs and status).
+/// Counters the forwarder keeps: handles on the agent's Prometheus counters, resolved once
+/// (a bump is one relaxed atomic add, no label lookup).
 #[derive(Debug, Default)]
 pub struct Stats {
-    pub tx_packets: AtomicU64,
-    pub tx_sends: AtomicU64,
-    pub tx_bytes: AtomicU64,
-    pub rx_packets: AtomicU64,
-    pub rx_bytes: AtomicU64,
-    pub dropped_no_route: AtomicU64,
-    pub dropped_not_ipv4: AtomicU64,
-    pub dropped_foreign: AtomicU64,
-    pub dropped_malformed: AtomicU64,
-    pub errors: AtomicU64,
+    pub tx_packets: Counter,
+    pub tx_sends: Counter,
+    pub tx_bytes: Counter,
+    pub rx_packets: Counter,
+    pub rx_bytes: Counter,
+    pub dropped_no_route: Counter,
+    pub dropped_not_ipv4: Counter,
+    pub dropped_foreign: Counter,
+    pub dropped_malformed: Counter,
+    pub errors: Counter,
 }
 
 impl Stats {
-    fn add(c: &AtomicU64, n: u64) {
-        c.fetch_add(n, Ordering::Relaxed);
+    pub fn new(m: &Metrics) -> Stats {
+        let dir = |direction| {
+            let l = DirectionLabel { direction };
+            (
+                m.forwarder_packets.get_or_create(&l).clone(),
+                m.forwarder_bytes.get_or_create(&l).clone(),
+            )
+        };
+        let dropped = |reason| {
+            m.forwarder_dropped
+                .get_or_create(&ReasonLabel { reason })
+                .clone()
+        };
+        let ((tx_packets, tx_bytes), (rx_packets, rx_bytes)) = (dir("tx"), dir("rx"));
+        Stats {
+            tx_packets,
+            tx_sends: m.forwarder_sends.clone(),
+            tx_bytes,
+            rx_packets,
+            rx_bytes,
+            dropped_no_route: dropped("no_route"),
+            dropped_not_ipv4: dropped("not_ipv4"),
+            dropped_foreign: dropped("foreign"),
+            dropped_malformed: dropped("malformed"),
+            errors: m.forwarder_errors.clone(),
+        }
     }
 
-    pub fn get(c: &AtomicU64) -> u64 {
-        c.load(Ordering::Relaxed)
+    fn add(c: &Counter, n: u64) {
+        c.inc_by(n);
+    }
+
+    pub fn get(c: &Counter) -> u64 {
+        c.get()
     }
 }
 
@@ -58,7 +90,7 @@ pub struct Shared {
 }
 
 impl Shared {
-    pub fn new() -> io::Result<Shared> {
+    pub fn new(stats: Stats) -> io::Result<Shared> {
         let stop = nix::sys::eventfd::EventFd::from_flags(
             nix::sys::eventfd::EfdFlags::EFD_CLOEXEC | nix::sys::eventfd::EfdFlags::EFD_NONBLOCK,
         )
@@ -66,7 +98,7 @@ impl Shared {
         Ok(Shared {
             table: RwLock::new(Arc::new(Table::default())),
             generation: AtomicU64::new(0),
-            stats: Stats::default(),
+            stats,
             stop: stop.into(),
         })
     }
@@ -388,7 +420,13 @@ fn write_super_packet(
     scratch.clear();
     scratch.extend_from_slice(&header);
     scratch.extend_from_slice(packet);
-    Stats::add(&stats.rx_packets, 1);
+    // Counted as the packets the kernel will cut it into, like every other rx packet.
+    let hdr_len = usize::from(u16::from_le_bytes([header[2], header[3]]));
+    let segment = usize::from(u16::from_le_bytes([header[4], header[5]])).max(1);
+    Stats::add(
+        &stats.rx_packets,
+        (packet.len() - hdr_len).div_ceil(segment) as u64,
+    );
     Stats::add(&stats.rx_bytes, packet.len() as u64);
     if let Err(e) = dev.send(scratch) {
         complaints.note(stats, &e);
