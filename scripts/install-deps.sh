@@ -30,6 +30,8 @@ command -v containerd >/dev/null 2>&1 || need+=(containerd)
 command -v runc >/dev/null 2>&1 || need+=(runc)
 command -v protoc >/dev/null 2>&1 || need+=(protobuf-compiler)
 command -v tcpdump >/dev/null 2>&1 || need+=(tcpdump)
+# mesh-testbed bench and scripts/bench-dataplane.sh.
+command -v iperf3 >/dev/null 2>&1 || need+=(iperf3)
 if ((${#need[@]})); then
   if [ "$(id -u)" -ne 0 ]; then
     echo "missing system packages: ${need[*]} (run as root, or: sudo apt-get install -y ${need[*]})" >&2

@@ -141,6 +141,8 @@ pub async fn run(cfg: AgentConfig) -> Result<()> {
         .map_err(anyhow::Error::msg)?;
     let mut ipam_cfg = IpamConfig::new(range, init);
     ipam_cfg.seed = identity.peer_id.0;
+    // A node with a pod network needs its gateway before its first pod.
+    ipam_cfg.claim_space = netlink.is_some();
     let ipam = IpamService::new(
         ipam_cfg,
         identity.peer_id,

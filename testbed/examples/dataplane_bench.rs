@@ -21,8 +21,9 @@ use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 use mesh_testbed::bed::run;
+use mesh_testbed::measure::{self, median, with_cpu};
 use mesh_testbed::{privns, AgentOptions, Testbed};
-use serde_json::{json, Value};
+use serde_json::json;
 
 struct Path {
     name: &'static str,
@@ -246,70 +247,11 @@ fn hand_vxlan_peer(
 }
 
 fn iperf(tb: &Testbed, p: &Path, streams: u32, secs: u32) -> Result<f64> {
-    let out = ns(
-        tb,
-        &p.client_ns,
-        &[
-            "iperf3",
-            "-c",
-            &p.server_ip,
-            "-t",
-            &secs.to_string(),
-            "-P",
-            &streams.to_string(),
-            "-J",
-        ],
-    )?;
-    let v: Value = serde_json::from_slice(&out.stdout).context("iperf3 JSON")?;
-    v["end"]["sum_received"]["bits_per_second"]
-        .as_f64()
-        .map(|b| b / 1e9)
-        .context("no throughput in iperf3 output")
+    measure::iperf(tb, &p.client_ns, &p.server_ip, streams, secs)
 }
 
 fn ping_us(tb: &Testbed, p: &Path) -> Result<f64> {
-    let out = ns(
-        tb,
-        &p.client_ns,
-        &["ping", "-c", "30", "-i", "0.02", "-q", &p.server_ip],
-    )?;
-    let text = String::from_utf8_lossy(&out.stdout);
-    // rtt min/avg/max/mdev = 0.030/0.045/0.090/0.010 ms
-    let avg = text
-        .lines()
-        .find(|l| l.contains("min/avg/max"))
-        .and_then(|l| l.split('=').nth(1))
-        .and_then(|v| v.trim().split('/').nth(1))
-        .and_then(|v| v.parse::<f64>().ok())
-        .context("no ping summary")?;
-    Ok(avg * 1000.0)
-}
-
-/// utime + stime of a process (all its threads), in clock ticks.
-fn cpu_ticks(pid: u32) -> u64 {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-    // The command name may hold spaces: fields count from after its closing parenthesis.
-    let after = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or_default();
-    let f: Vec<&str> = after.split_whitespace().collect();
-    let n = |i: usize| f.get(i).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
-    n(11) + n(12)
-}
-
-/// Runs `f` and returns its result with the CPU the processes used meanwhile, as % of
-/// one core.
-fn with_cpu<T>(procs: &[u32], f: impl FnOnce() -> Result<T>) -> Result<(T, f64)> {
-    let ticks = || procs.iter().map(|p| cpu_ticks(*p)).sum::<u64>();
-    // SAFETY: sysconf has no preconditions.
-    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
-    let (before, started) = (ticks(), std::time::Instant::now());
-    let out = f()?;
-    let used = (ticks() - before) as f64 / hz;
-    Ok((out, 100.0 * used / started.elapsed().as_secs_f64()))
-}
-
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(|a, b| a.total_cmp(b));
-    v[v.len() / 2]
+    measure::ping_us(tb, &p.client_ns, &p.server_ip)
 }
 
 fn main() -> Result<()> {

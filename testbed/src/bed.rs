@@ -45,6 +45,10 @@ pub struct Node {
     pub log: PathBuf,
     args: Vec<String>,
     agent: Option<Child>,
+    /// Taken out of the testbed by `remove_node`.
+    pub removed: bool,
+    /// Its `--dataplane`.
+    pub dataplane: String,
 }
 
 impl Node {
@@ -105,17 +109,21 @@ pub fn run(cmd: &str, args: &[&str]) -> Result<Output> {
 }
 
 /// The directory holding `mesh-agent`, `mesh-cni` and `meshctl`: `MESH_BIN_DIR`, else
-/// the cargo target directory this test binary was built into.
+/// the directory of the running program (the `mesh-testbed` command sits next to them),
+/// else its parent (a test binary lives in `target/<profile>/deps/`).
 pub fn bin_dir() -> Result<PathBuf> {
     let dir = match std::env::var_os("MESH_BIN_DIR") {
         Some(d) => PathBuf::from(d),
         None => {
             let exe = std::env::current_exe()?;
-            // target/<profile>/deps/<test binary>
-            exe.parent()
-                .and_then(Path::parent)
-                .map(Path::to_path_buf)
-                .context("cannot locate the target directory")?
+            let own = exe.parent().context("cannot locate the target directory")?;
+            if own.join("mesh-agent").is_file() {
+                own.to_path_buf()
+            } else {
+                own.parent()
+                    .map(Path::to_path_buf)
+                    .context("cannot locate the target directory")?
+            }
         }
     };
     for b in ["mesh-agent", "mesh-cni", "meshctl"] {
@@ -133,8 +141,14 @@ impl Testbed {
     /// A new, empty testbed: the underlay namespace with its bridge. Call only inside
     /// `privns::enter_private_mounts`.
     pub fn new(tag: &str) -> Result<Testbed> {
-        let prefix = format!("{tag}{:05x}", std::process::id() & 0xfffff);
-        let work = crate::privns::scratch_dir().join(&prefix);
+        Testbed::with_prefix(&format!("{tag}{:05x}", std::process::id() & 0xfffff), None)
+    }
+
+    /// Like `new` with the exact name prefix and work directory (the `mesh-testbed`
+    /// command keeps sockets and logs where the host can see them).
+    pub fn with_prefix(prefix: &str, work: Option<PathBuf>) -> Result<Testbed> {
+        let prefix = prefix.to_string();
+        let work = work.unwrap_or_else(|| crate::privns::scratch_dir().join(&prefix));
         let _ = std::fs::remove_dir_all(&work);
         std::fs::create_dir_all(&work)?;
         let secret = work.join("cluster-secret");
@@ -290,6 +304,8 @@ impl Testbed {
             socket,
             args,
             agent: None,
+            removed: false,
+            dataplane: opts.dataplane.clone(),
         });
         Ok(i)
     }
@@ -306,6 +322,9 @@ impl Testbed {
     /// Starts (or restarts) node `i`'s agent. It dies with this process.
     pub fn start_agent(&mut self, i: usize) -> Result<()> {
         let node = &mut self.nodes[i];
+        if node.removed {
+            bail!("{} was removed from the testbed", node.name);
+        }
         if node.agent.is_some() {
             bail!("agent of {} already running", node.name);
         }
@@ -345,6 +364,32 @@ impl Testbed {
         Ok(())
     }
 
+    /// Takes node `i`'s link to the underlay down (a partition) or back up.
+    pub fn set_underlay_link(&self, i: usize, up: bool) -> Result<()> {
+        let ul_end = format!("{}{}", self.prefix, self.nodes[i].name);
+        let state = if up { "up" } else { "down" };
+        self.ns(&self.underlay, &["ip", "link", "set", &ul_end, state])?;
+        Ok(())
+    }
+
+    /// Removes node `i` for good: its agent, its pods and its namespace (the node keeps
+    /// its index, marked `removed`, so other indices stay valid).
+    pub fn remove_node(&mut self, i: usize) -> Result<()> {
+        self.stop_agent(i)?;
+        let pods: Vec<String> = self
+            .pods
+            .iter()
+            .filter(|p| p.node == i)
+            .map(|p| p.netns.clone())
+            .collect();
+        for ns in pods.iter().chain(std::iter::once(&self.nodes[i].netns)) {
+            run("ip", &["netns", "del", ns])?;
+        }
+        self.pods.retain(|p| p.node != i);
+        self.nodes[i].removed = true;
+        Ok(())
+    }
+
     pub fn kill_agent(&mut self, i: usize) -> Result<()> {
         if let Some(mut child) = self.nodes[i].agent.take() {
             let _ = child.kill();
@@ -353,21 +398,21 @@ impl Testbed {
         Ok(())
     }
 
+    /// `meshctl <args> -o json` against node `i`'s agent, parsed.
+    pub fn meshctl_json(&self, i: usize, args: &[&str]) -> Result<Value> {
+        let node = &self.nodes[i];
+        let meshctl = self.bin("meshctl").display().to_string();
+        let socket = node.socket.display().to_string();
+        let mut all = vec![meshctl.as_str(), "--socket", socket.as_str()];
+        all.extend_from_slice(args);
+        all.extend_from_slice(&["-o", "json"]);
+        let out = self.ns(&node.netns, &all)?;
+        Ok(serde_json::from_slice(&out.stdout)?)
+    }
+
     /// `meshctl status -o json` on node `i`.
     pub fn status(&self, i: usize) -> Result<Value> {
-        let node = &self.nodes[i];
-        let out = self.ns(
-            &node.netns,
-            &[
-                &self.bin("meshctl").display().to_string(),
-                "--socket",
-                &node.socket.display().to_string(),
-                "status",
-                "-o",
-                "json",
-            ],
-        )?;
-        Ok(serde_json::from_slice(&out.stdout)?)
+        self.meshctl_json(i, &["status"])
     }
 
     /// Node `i`'s gateway (the bridge address), from `meshctl status`.
@@ -504,8 +549,27 @@ impl Testbed {
     }
 
     pub fn down(&mut self) {
-        for i in 0..self.nodes.len() {
-            let _ = self.stop_agent(i);
+        // All agents at once (SIGTERM, then SIGKILL after 5 s): one after the other, a big
+        // testbed would take seconds per node.
+        let mut running: Vec<Child> = self
+            .nodes
+            .iter_mut()
+            .filter_map(|n| n.agent.take())
+            .collect();
+        for c in &running {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(c.id() as i32),
+                nix::sys::signal::Signal::SIGTERM,
+            );
+        }
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while !running.is_empty() && Instant::now() < deadline {
+            running.retain_mut(|c| !matches!(c.try_wait(), Ok(Some(_))));
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        for mut c in running {
+            let _ = c.kill();
+            let _ = c.wait();
         }
         for ns in self.leftover_namespaces() {
             let _ = run("ip", &["netns", "del", &ns]);

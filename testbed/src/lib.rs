@@ -8,8 +8,11 @@
 //! the namespaces are mounts inside a private mount namespace, gone with its last process.
 
 pub mod bed;
+pub mod chaos;
+pub mod checks;
 pub mod cni;
 pub mod gate;
+pub mod measure;
 pub mod privns;
 pub mod probe;
 pub mod suite;

@@ -1,11 +1,481 @@
-//! mesh-testbed: a multi-node mesh on one Linux machine (network namespaces).
+//! mesh-testbed: a whole mesh on one Linux machine, in network namespaces.
 //!
-//! The command line arrives with the testbed issue; the library (`mesh_testbed`) is what
-//! the end-to-end tests use today (see testbed/README.md).
+//! `up` starts a keeper process (`mesh-testbed keep`, detached) that owns everything: a
+//! private mount namespace with its own `/run/netns`, the underlay, the node namespaces
+//! with their agents (which die with it) and the pods. The other commands talk to it over
+//! a root-only unix socket in `/run/mesh-testbed/<name>/`, where the agents' sockets and
+//! logs also live (so `meshctl --socket …` works from the host); `exec` enters its mount
+//! namespace to run a command in a node or pod. `down` asks it to tear everything down and
+//! checks that nothing is left; killing the keeper leaves nothing either (the namespaces
+//! live in its private mount namespace).
 
+mod keeper;
+mod layout;
+
+use std::io::{BufRead, BufReader, Write};
+use std::os::unix::net::UnixStream;
+use std::path::PathBuf;
 use std::process::ExitCode;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use clap::{Parser, Subcommand, ValueEnum};
+
+#[derive(Parser)]
+#[command(
+    name = "mesh-testbed",
+    version,
+    about = "A whole mesh on one Linux machine: node namespaces running mesh-agent, pods attached through mesh-cni (root)"
+)]
+struct Cli {
+    /// Testbed name: prefix of every namespace and link (1-8 of a-z, 0-9).
+    #[arg(long, global = true, default_value = "mt")]
+    name: String,
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum Backend {
+    Vxlan,
+    Udp,
+    Auto,
+    /// Odd nodes on `vxlan`, even nodes on `udp`.
+    Mixed,
+}
+
+impl Backend {
+    /// The `--dataplane` of node `i` (0-based).
+    pub fn dataplane(self, i: usize) -> &'static str {
+        match self {
+            Backend::Vxlan => "vxlan",
+            Backend::Udp => "udp",
+            Backend::Auto => "auto",
+            Backend::Mixed if i.is_multiple_of(2) => "vxlan",
+            Backend::Mixed => "udp",
+        }
+    }
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Build the underlay, start N nodes with M pods each, wait until the mesh is ready.
+    Up {
+        #[arg(long, default_value_t = 3)]
+        nodes: usize,
+        #[arg(long, default_value_t = 2)]
+        pods: usize,
+        #[arg(long, value_enum, default_value = "vxlan")]
+        backend: Backend,
+    },
+    /// `meshctl status` of every node side by side, or one node's in full.
+    Status {
+        #[arg(long)]
+        node: Option<String>,
+    },
+    /// Run a command inside a node or pod namespace: `exec n1 -- ip route`.
+    Exec {
+        target: String,
+        #[arg(last = true, required = true)]
+        command: Vec<String>,
+    },
+    /// The connectivity matrix and service/egress checks; exit 0 only if all pass.
+    Check,
+    /// Scripted faults (agent kill, partition, node delete, node add), each then checked.
+    Chaos,
+    /// Pod-to-pod TCP throughput and latency across nodes on the running testbed.
+    Bench {
+        #[arg(long, default_value_t = 5)]
+        seconds: u32,
+    },
+    /// Remove everything the testbed created (safe to run twice).
+    Down,
+    /// The keeper process `up` starts (internal).
+    #[command(hide = true)]
+    Keep {
+        #[arg(long)]
+        nodes: usize,
+        #[arg(long)]
+        pods: usize,
+        #[arg(long, value_enum)]
+        backend: Backend,
+    },
+}
+
+/// Where a testbed keeps its control socket, layout, logs and agent sockets.
+pub fn state_dir(name: &str) -> PathBuf {
+    PathBuf::from("/run/mesh-testbed").join(name)
+}
 
 fn main() -> ExitCode {
-    eprintln!("the mesh-testbed command line is not built yet; the end-to-end tests use the mesh_testbed library (see testbed/README.md)");
-    ExitCode::FAILURE
+    let cli = Cli::parse();
+    match run(cli) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("mesh-testbed: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(cli: Cli) -> Result<ExitCode> {
+    let name = cli.name.clone();
+    if name.is_empty()
+        || name.len() > 8
+        || !name
+            .chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit())
+    {
+        bail!("--name {name:?}: use 1 to 8 characters of a-z and 0-9 (it prefixes interface names, which are limited to 15)");
+    }
+    if !nix::unistd::geteuid().is_root() {
+        bail!("mesh-testbed needs root (network namespaces, veth, bridges, iptables): run it with sudo");
+    }
+    match cli.cmd {
+        Cmd::Keep {
+            nodes,
+            pods,
+            backend,
+        } => keeper::run(&name, nodes, pods, backend).map(|()| ExitCode::SUCCESS),
+        Cmd::Up {
+            nodes,
+            pods,
+            backend,
+        } => up(&name, nodes, pods, backend),
+        Cmd::Exec { target, command } => exec(&name, &target, &command),
+        Cmd::Status { node } => status(&name, node.as_deref()),
+        Cmd::Check => request(&name, "check"),
+        Cmd::Chaos => request(&name, "chaos"),
+        Cmd::Bench { seconds } => request(&name, &format!("bench {seconds}")),
+        Cmd::Down => down(&name),
+    }
+}
+
+fn keeper_pid(name: &str) -> Option<i32> {
+    let pid: i32 = std::fs::read_to_string(state_dir(name).join("keeper.pid"))
+        .ok()?
+        .trim()
+        .parse()
+        .ok()?;
+    // Alive and really our keeper (a recycled pid would run something else).
+    let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).ok()?;
+    let cmdline = String::from_utf8_lossy(&cmdline);
+    (cmdline.contains("mesh-testbed") && cmdline.contains("keep")).then_some(pid)
+}
+
+fn up(name: &str, nodes: usize, pods: usize, backend: Backend) -> Result<ExitCode> {
+    if !(1..=100).contains(&nodes) || pods > 50 {
+        bail!("--nodes must be 1 to 100 and --pods at most 50");
+    }
+    let missing: Vec<&str> = ["ip", "iptables", "iptables-restore", "ping"]
+        .into_iter()
+        .filter(|t| !mesh_testbed::gate::on_path(t))
+        .collect();
+    if !missing.is_empty() {
+        bail!(
+            "missing tools: {} (sudo scripts/install-deps.sh, or apt-get install iproute2 iptables iputils-ping)",
+            missing.join(", ")
+        );
+    }
+    mesh_testbed::bed::bin_dir()?;
+    let dir = state_dir(name);
+    if let Some(pid) = keeper_pid(name) {
+        bail!("testbed {name:?} is already up (keeper pid {pid}); `mesh-testbed --name {name} down` first, or pick another --name");
+    }
+    if dir.exists() {
+        eprintln!(
+            "cleaning up what an interrupted run of testbed {name:?} left in {}",
+            dir.display()
+        );
+        std::fs::remove_dir_all(&dir).with_context(|| format!("remove {}", dir.display()))?;
+    }
+    std::fs::create_dir_all(&dir)?;
+    std::fs::set_permissions(&dir, std::os::unix::fs::PermissionsExt::from_mode(0o700))?;
+    let log = std::fs::File::create(dir.join("keeper.log"))?;
+    let mut cmd = std::process::Command::new(std::env::current_exe()?);
+    cmd.args(["--name", name, "keep"])
+        .args(["--nodes", &nodes.to_string(), "--pods", &pods.to_string()])
+        .args(["--backend", backend_arg(backend)])
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(log);
+    // Its own session: a Ctrl-C in this terminal after `up` returns must not reach it.
+    // SAFETY: setsid is async-signal-safe and touches nothing of the parent.
+    unsafe {
+        std::os::unix::process::CommandExt::pre_exec(&mut cmd, || {
+            nix::unistd::setsid()
+                .map(|_| ())
+                .map_err(std::io::Error::from)
+        });
+    }
+    let started = Instant::now();
+    let mut child = cmd.spawn().context("start the keeper process")?;
+    let stdout = child.stdout.take().context("keeper stdout")?;
+    let mut ready = false;
+    for line in BufReader::new(stdout).lines() {
+        let line = line?;
+        if line == keeper::READY {
+            ready = true;
+            break;
+        }
+        println!("{line}");
+    }
+    if !ready {
+        let status = child.wait()?;
+        let log = std::fs::read_to_string(dir.join("keeper.log")).unwrap_or_default();
+        let tail: Vec<&str> = log.lines().rev().take(15).collect();
+        let _ = std::fs::remove_dir_all(&dir);
+        bail!(
+            "the testbed did not come up ({status}); the keeper's last words:\n{}",
+            tail.into_iter().rev().collect::<Vec<_>>().join("\n")
+        );
+    }
+    let l = layout::Layout::load(name)?;
+    println!(
+        "\ntestbed {name:?} is up in {:.1?}: {} nodes ({}), {} pods",
+        started.elapsed(),
+        l.nodes.len(),
+        backend_arg(backend),
+        l.pods.len()
+    );
+    println!("  keeper log:   {}", dir.join("keeper.log").display());
+    if let Some(n) = l.nodes.first() {
+        println!(
+            "  agent logs:   {}/<node>/agent.log",
+            dir.join("work").display()
+        );
+        println!("  meshctl:      meshctl --socket {} status", n.socket);
+    }
+    println!("  next:         mesh-testbed --name {name} status | check | chaos | bench | exec n1 -- ip route | down");
+    Ok(ExitCode::SUCCESS)
+}
+
+fn backend_arg(b: Backend) -> &'static str {
+    match b {
+        Backend::Vxlan => "vxlan",
+        Backend::Udp => "udp",
+        Backend::Auto => "auto",
+        Backend::Mixed => "mixed",
+    }
+}
+
+/// Sends one request to the keeper and copies its output; the exit code is the keeper's.
+fn request(name: &str, what: &str) -> Result<ExitCode> {
+    let path = state_dir(name).join(keeper::SOCKET);
+    let mut s = UnixStream::connect(&path).with_context(|| {
+        format!("no testbed named {name:?} is up (cannot reach {}); start one with `mesh-testbed --name {name} up`", path.display())
+    })?;
+    writeln!(s, "{what}")?;
+    let mut code = 1;
+    let stdout = std::io::stdout();
+    for line in BufReader::new(s).lines() {
+        let line = line?;
+        if let Some(c) = line.strip_prefix(keeper::EXIT) {
+            code = c.trim().parse().unwrap_or(1);
+            break;
+        }
+        let mut o = stdout.lock();
+        writeln!(o, "{line}")?;
+        o.flush()?;
+    }
+    Ok(ExitCode::from(code))
+}
+
+fn exec(name: &str, target: &str, command: &[String]) -> Result<ExitCode> {
+    let l = layout::Layout::load(name)?;
+    let netns = l.netns_of(target).with_context(|| {
+        format!(
+            "no node or pod named {target:?} in testbed {name:?} (nodes: {}; pods: {})",
+            l.nodes
+                .iter()
+                .map(|n| n.name.as_str())
+                .collect::<Vec<_>>()
+                .join(" "),
+            l.pods
+                .iter()
+                .map(|p| p.name.as_str())
+                .collect::<Vec<_>>()
+                .join(" ")
+        )
+    })?;
+    let pid = keeper_pid(name).with_context(|| format!("testbed {name:?} is not up"))?;
+    // The namespaces are mounts in the keeper's private mount namespace: join it (this
+    // process is still single-threaded), then run the command there.
+    let mnt = std::fs::File::open(format!("/proc/{pid}/ns/mnt"))?;
+    nix::sched::setns(&mnt, nix::sched::CloneFlags::CLONE_NEWNS)
+        .context("join the testbed's mount namespace")?;
+    let err = std::os::unix::process::CommandExt::exec(
+        std::process::Command::new("ip")
+            .args(["netns", "exec", &netns])
+            .args(command),
+    );
+    Err(err).context("exec ip netns exec")
+}
+
+fn status(name: &str, node: Option<&str>) -> Result<ExitCode> {
+    let l = layout::Layout::load(name)?;
+    let meshctl = mesh_testbed::bed::bin_dir()?.join("meshctl");
+    if let Some(node) = node {
+        let n = l
+            .nodes
+            .iter()
+            .find(|n| n.name == node)
+            .with_context(|| format!("no node {node:?} in testbed {name:?}"))?;
+        let out = std::process::Command::new(&meshctl)
+            .args(["--socket", &n.socket, "status"])
+            .status()?;
+        return Ok(if out.success() {
+            ExitCode::SUCCESS
+        } else {
+            ExitCode::FAILURE
+        });
+    }
+    // Side by side: one column per node, rows from `meshctl status -o json`.
+    let rows = [
+        "ready",
+        "data plane",
+        "peers",
+        "connections",
+        "ipam",
+        "pod network",
+        "problem",
+    ];
+    let mut cols: Vec<Vec<String>> = Vec::new();
+    let mut all_ready = true;
+    for n in &l.nodes {
+        let out = std::process::Command::new(&meshctl)
+            .args(["--socket", &n.socket, "status", "-o", "json"])
+            .output()?;
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
+        if v.is_null() {
+            all_ready = false;
+            cols.push(vec![
+                "agent unreachable".into(),
+                String::from_utf8_lossy(&out.stderr)
+                    .trim()
+                    .chars()
+                    .take(40)
+                    .collect(),
+            ]);
+            continue;
+        }
+        let nn = &v["node_network"];
+        let ready = v["ready"] == true && nn["ready"] == true;
+        all_ready &= ready;
+        let conns = v["connections"]
+            .as_object()
+            .map(|m| {
+                m.iter()
+                    .map(|(k, c)| format!("{c} {k}"))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            })
+            .unwrap_or_default();
+        let problem = nn["problem"]
+            .as_str()
+            .or(nn["tunnel_problem"].as_str())
+            .unwrap_or("-");
+        cols.push(vec![
+            ready.to_string(),
+            v["dataplane"].as_str().unwrap_or("?").to_string(),
+            v["peers"].to_string(),
+            conns,
+            v["ipam"]["status"].as_str().unwrap_or("?").to_string(),
+            format!(
+                "{} mtu {}",
+                nn["address"].as_str().unwrap_or("-"),
+                nn["mtu"]
+            ),
+            problem.chars().take(40).collect(),
+        ]);
+    }
+    let colw: Vec<usize> = (0..cols.len())
+        .map(|i| {
+            cols[i]
+                .iter()
+                .map(String::len)
+                .chain(std::iter::once(l.nodes[i].name.len()))
+                .max()
+                .unwrap_or(4)
+                + 2
+        })
+        .collect();
+    print!("{:14}", "");
+    for (i, n) in l.nodes.iter().enumerate() {
+        print!("{:w$}", n.name, w = colw[i]);
+    }
+    println!();
+    for (r, label) in rows.iter().enumerate() {
+        print!("{label:14}");
+        for (i, c) in cols.iter().enumerate() {
+            print!(
+                "{:w$}",
+                c.get(r).map(String::as_str).unwrap_or(""),
+                w = colw[i]
+            );
+        }
+        println!();
+    }
+    println!("\n(one node in full: mesh-testbed --name {name} status --node n1)");
+    Ok(if all_ready {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
+}
+
+fn down(name: &str) -> Result<ExitCode> {
+    let dir = state_dir(name);
+    let Some(pid) = keeper_pid(name) else {
+        if dir.exists() {
+            std::fs::remove_dir_all(&dir)?;
+            println!(
+                "testbed {name:?} was not running; removed what an interrupted run left in {}",
+                dir.display()
+            );
+        } else {
+            println!("no testbed named {name:?}: nothing to do");
+        }
+        return Ok(ExitCode::SUCCESS);
+    };
+    let agents = layout::Layout::load(name)
+        .map(|l| l.agent_pids.clone())
+        .unwrap_or_default();
+    // Ask the keeper to tear down; it exits when done.
+    let _ = request(name, "down");
+    let started = Instant::now();
+    let gone = |p: i32| !std::path::Path::new(&format!("/proc/{p}")).exists();
+    while !gone(pid) && started.elapsed() < Duration::from_secs(30) {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    if !gone(pid) {
+        eprintln!("the keeper (pid {pid}) did not stop within 30 s; killing it");
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(pid),
+            nix::sys::signal::Signal::SIGKILL,
+        );
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    // Agents die with their keeper (PR_SET_PDEATHSIG); give them a moment, then make sure.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while agents.iter().any(|p| !gone(*p)) && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    for p in agents.iter().filter(|p| !gone(**p)) {
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(*p),
+            nix::sys::signal::Signal::SIGKILL,
+        );
+    }
+    std::thread::sleep(Duration::from_millis(200));
+    let left: Vec<i32> = agents.into_iter().filter(|p| !gone(*p)).collect();
+    std::fs::remove_dir_all(&dir).ok();
+    if !left.is_empty() || !gone(pid) {
+        bail!("processes still running after down: keeper {pid}, agents {left:?}");
+    }
+    println!(
+        "testbed {name:?} is down ({:.1?}): no namespace, link or process of it is left",
+        started.elapsed()
+    );
+    Ok(ExitCode::SUCCESS)
 }

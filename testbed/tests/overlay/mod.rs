@@ -300,10 +300,17 @@ fn underlay_is_vxlan(tb: &mut Testbed) -> Result<()> {
             "8472",
         ])
         .stdout(Stdio::piped())
-        .stderr(Stdio::null())
+        .stderr(Stdio::piped())
         .spawn()
         .context("tcpdump (apt-get install tcpdump)")?;
-    std::thread::sleep(Duration::from_millis(500));
+    // Ping only once tcpdump says it is listening (under load it can take a while).
+    let mut err = std::io::BufReader::new(cap.stderr.take().context("tcpdump stderr")?);
+    let mut first = String::new();
+    std::io::BufRead::read_line(&mut err, &mut first)?;
+    ensure!(
+        first.contains("listening"),
+        "tcpdump did not start: {first}"
+    );
     for _ in 0..3 {
         tb.pings(&a, b)?;
     }
@@ -410,31 +417,6 @@ fn egress_masquerade(tb: &mut Testbed) -> Result<()> {
     Ok(())
 }
 
-/// What kube-proxy (iptables mode) writes for a ClusterIP Service, reduced to one endpoint.
-fn kube_proxy_rules(cluster_ip: Ipv4Addr, port: u16, endpoint: Ipv4Addr) -> String {
-    format!(
-        "*nat
-:KUBE-SERVICES - [0:0]
-:KUBE-SVC-MESHTEST - [0:0]
-:KUBE-SEP-MESHTEST - [0:0]
-:KUBE-MARK-MASQ - [0:0]
-:KUBE-POSTROUTING - [0:0]
--A PREROUTING -m comment --comment \"kubernetes service portals\" -j KUBE-SERVICES
--A OUTPUT -m comment --comment \"kubernetes service portals\" -j KUBE-SERVICES
--A POSTROUTING -m comment --comment \"kubernetes postrouting rules\" -j KUBE-POSTROUTING
--A KUBE-MARK-MASQ -j MARK --set-xmark 0x4000/0x4000
--A KUBE-POSTROUTING -m mark ! --mark 0x4000/0x4000 -j RETURN
--A KUBE-POSTROUTING -j MARK --set-xmark 0x4000/0x0
--A KUBE-POSTROUTING -m comment --comment \"kubernetes service traffic requiring SNAT\" -j MASQUERADE --random-fully
--A KUBE-SERVICES -d {cluster_ip}/32 -p udp -m udp --dport {port} -j KUBE-SVC-MESHTEST
--A KUBE-SVC-MESHTEST ! -s 10.32.0.0/12 -d {cluster_ip}/32 -p udp -m udp --dport {port} -j KUBE-MARK-MASQ
--A KUBE-SVC-MESHTEST -j KUBE-SEP-MESHTEST
--A KUBE-SEP-MESHTEST -p udp -m udp -j DNAT --to-destination {endpoint}:{port}
-COMMIT
-"
-    )
-}
-
 fn cluster_ip_dnat(tb: &mut Testbed) -> Result<()> {
     let cluster_ip = Ipv4Addr::new(10, 96, 0, 10);
     let port = 5353;
@@ -451,7 +433,7 @@ fn cluster_ip_dnat(tb: &mut Testbed) -> Result<()> {
     let (client_ns, client_ip) = (client.netns.clone(), client.address.context("addr")?);
     let (server_ns, server_ip) = (server.netns.clone(), server.address.context("addr")?);
     let node_ns = tb.nodes[0].netns.clone();
-    let rules = kube_proxy_rules(cluster_ip, port, server_ip);
+    let rules = mesh_testbed::checks::kube_proxy_rules(cluster_ip, port, server_ip);
     let mut child = Command::new("ip")
         .args(["netns", "exec", &node_ns, "iptables-restore", "--noflush"])
         .stdin(Stdio::piped())

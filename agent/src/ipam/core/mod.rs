@@ -286,6 +286,14 @@ impl IpamCore {
         self.denied
             .retain(|_, at| now.duration_since(*at) < self.cfg.denial_backoff);
         self.expire_reclaims(now);
+        if self.cfg.claim_space
+            && self.ring.is_split()
+            && self.request.is_none()
+            && self.ring.blocks_of(self.me).is_empty()
+        {
+            // Waiting or Exhausted: either way the timer comes back.
+            let _ = self.ask_for_space(now);
+        }
         if now >= self.next_anti_entropy {
             self.next_anti_entropy = now + self.cfg.anti_entropy_interval;
             // Neighbours only: they have a link already, so anti-entropy never makes the

@@ -235,6 +235,7 @@ impl IpamCore {
 mod tests {
     use super::super::{InitMode, IpamConfig, IpamCore, IpamInput, PeerInfo, Restored};
     use super::*;
+    use mesh_proto::ipam::IpamMessage;
 
     fn peers(up: [bool; 3]) -> Vec<PeerInfo> {
         ["a", "b", "c"]
@@ -246,6 +247,47 @@ mod tests {
                 up: up[i],
             })
             .collect()
+    }
+
+    /// A node outside the seed list owns nothing after the split; with `claim_space` it
+    /// asks a peer for space on its next timer, without waiting for a first allocation.
+    #[test]
+    fn a_joining_node_claims_space_before_its_first_pod() {
+        let t0 = Instant::now();
+        let range: Block = "10.32.0.0/24".parse().unwrap();
+        for claim in [false, true] {
+            let mut cfg = IpamConfig::new(
+                range,
+                InitMode::Seed(vec!["a".into(), "b".into(), "c".into()]),
+            );
+            cfg.claim_space = claim;
+            let mut d = IpamCore::new(cfg, PeerId(4), "d", Restored::default(), t0);
+            let mut all = peers([true; 3]);
+            all.push(PeerInfo {
+                id: PeerId(4),
+                name: "d".into(),
+                up: true,
+            });
+            d.handle(
+                t0,
+                IpamInput::Topology {
+                    peers: all,
+                    neighbours: vec![PeerId(1)],
+                },
+            );
+            assert!(d.ring().is_split() && d.ring().blocks_of(PeerId(4)).is_empty());
+            let out = d.handle(t0 + std::time::Duration::from_secs(1), IpamInput::Timer);
+            let asked = out.iter().any(|o| {
+                matches!(
+                    o,
+                    IpamOutput::Send {
+                        msg: IpamMessage::SpaceRequest { .. },
+                        ..
+                    }
+                )
+            });
+            assert_eq!(asked, claim, "claim_space = {claim}");
+        }
     }
 
     #[test]

@@ -28,6 +28,10 @@ pub struct IpamConfig {
     /// How long a donor that said no is left alone.
     pub denial_backoff: Duration,
     pub seed: u64,
+    /// Ask for space as soon as the range is split instead of at the first allocation: a
+    /// node that hosts pods needs its gateway (bridge) address before its first pod, and a
+    /// node that joins an established mesh owns nothing until it asks.
+    pub claim_space: bool,
 }
 
 impl IpamConfig {
@@ -40,6 +44,7 @@ impl IpamConfig {
             request_timeout: Duration::from_secs(2),
             denial_backoff: Duration::from_secs(10),
             seed: 0,
+            claim_space: false,
         }
     }
 }
