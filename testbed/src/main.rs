@@ -178,6 +178,7 @@ fn up(name: &str, nodes: usize, pods: usize, backend: Backend) -> Result<ExitCod
         );
     }
     mesh_testbed::bed::bin_dir()?;
+    warn_about_neighbour_table(nodes, pods);
     let dir = state_dir(name);
     if let Some(pid) = keeper_pid(name) {
         bail!("testbed {name:?} is already up (keeper pid {pid}); `mesh-testbed --name {name} down` first, or pick another --name");
@@ -248,6 +249,30 @@ fn up(name: &str, nodes: usize, pods: usize, backend: Backend) -> Result<ExitCod
     }
     println!("  next:         mesh-testbed --name {name} status | check | chaos | bench | exec n1 -- ip route | down");
     Ok(ExitCode::SUCCESS)
+}
+
+/// All namespaces share the kernel's one ARP table (`gc_thresh3` entries, 1024 by default).
+/// A big testbed needs more: each node holds a permanent entry per other node, and pods hold
+/// one per address they talk to (the range is on-link); past the limit the kernel logs
+/// "neighbor table overflow" and drops packets. Say so instead of failing mysteriously.
+fn warn_about_neighbour_table(nodes: usize, pods: usize) {
+    let limit: usize = std::fs::read_to_string("/proc/sys/net/ipv4/neigh/default/gc_thresh3")
+        .ok()
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(1024);
+    let all_pods = nodes * pods;
+    let needed = nodes * nodes + all_pods * (all_pods + nodes);
+    if needed > limit {
+        eprintln!(
+            "warning: this testbed may need ~{needed} ARP entries, and the kernel's table holds \
+             {limit} across all namespaces (net.ipv4.neigh.default.gc_thresh3); past it packets \
+             are dropped (dmesg: \"neighbor table overflow\"). Raise it host-wide if checks \
+             fail: sysctl -w net.ipv4.neigh.default.gc_thresh3={} \
+             net.ipv4.neigh.default.gc_thresh2={}",
+            (needed * 2).next_power_of_two(),
+            needed.next_power_of_two()
+        );
+    }
 }
 
 fn backend_arg(b: Backend) -> &'static str {
