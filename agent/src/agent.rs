@@ -137,8 +137,12 @@ pub async fn run(cfg: AgentConfig) -> Result<()> {
         protocol: resolved.protocol,
         info,
     };
-    let init = ipam::service::parse_init(cfg.ipalloc_init.as_deref(), resolved.peers_listed + 1)
-        .map_err(anyhow::Error::msg)?;
+    let init = if cfg.kube {
+        ipam::core::InitMode::Elected
+    } else {
+        ipam::service::parse_init(cfg.ipalloc_init.as_deref(), resolved.peers_listed + 1)
+            .map_err(anyhow::Error::msg)?
+    };
     let mut ipam_cfg = IpamConfig::new(range, init);
     ipam_cfg.seed = identity.peer_id.0;
     // A node with a pod network needs its gateway before its first pod.
@@ -237,6 +241,21 @@ pub async fn run(cfg: AgentConfig) -> Result<()> {
     };
 
     let (api_tx, api_rx) = mpsc::channel(64);
+    let driver = if cfg.kube {
+        let opts = crate::k8s::KubeOptions {
+            kubeconfig: cfg.kubeconfig.clone(),
+            namespace: cfg.kube_namespace.clone(),
+            node_name: resolved.node_name.clone(),
+            port: cfg.listen.port(),
+            advertise: resolved.advertise,
+            peer_id: identity.peer_id.to_string(),
+            backend: backend.map(|b| b.name().to_string()),
+            elected_split: true,
+        };
+        driver.with_kube(crate::k8s::start(opts, api_tx.clone(), shutdown_rx.clone()))
+    } else {
+        driver
+    };
     let api_listener = server::bind_socket(&cfg.socket).await?;
     let metrics_listener = tokio::net::TcpListener::bind(cfg.metrics_addr)
         .await

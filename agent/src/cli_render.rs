@@ -75,6 +75,7 @@ pub fn summary(s: &StatusResponse) -> String {
         ),
         ("IPAM", format!("{}: {}", s.ipam.range, s.ipam.status)),
         ("Pod network", pod_network(s.node_network.as_ref())),
+        ("Kubernetes", kube(s.kube.as_ref())),
         ("Uptime", format!("{} s", s.uptime_seconds)),
     ];
     let mut out = String::new();
@@ -83,6 +84,31 @@ pub fn summary(s: &StatusResponse) -> String {
     }
     if s.auth.contains("insecure") {
         out.push_str("\nWARNING: this agent runs without authentication (--insecure-no-auth): anyone who can reach it can join.\n");
+    }
+    out
+}
+
+fn kube(k: Option<&mesh_proto::api::KubeStatus>) -> String {
+    let Some(k) = k else {
+        return "off (no --kube)".into();
+    };
+    let leader = match (&k.leader, k.is_leader) {
+        (_, true) => "this node leads".to_string(),
+        (Some(l), false) => format!("leader {l}"),
+        (None, false) => "no leader yet".to_string(),
+    };
+    let mut out = format!(
+        "{}: {} nodes, {} peer targets, {leader}, NetworkUnavailable={}",
+        k.api,
+        k.nodes,
+        k.peer_targets,
+        k.network_unavailable.as_deref().unwrap_or("not set yet")
+    );
+    if let Some(r) = k.reclaims.last() {
+        out.push_str(&format!("; last reclaim: {r}"));
+    }
+    if let Some(e) = &k.last_error {
+        out.push_str(&format!("; API ERROR: {e}"));
     }
     out
 }

@@ -105,9 +105,18 @@ pub struct AgentConfig {
     #[arg(long, env = "MESH_MTU")]
     pub mtu: Option<u32>,
 
-    /// Kubernetes integration.
+    /// Kubernetes integration: Node objects are the peer list, a Lease elects the writer of
+    /// the first IPAM split and of reclaims for deleted Nodes, NetworkUnavailable is set.
     #[arg(long, env = "MESH_KUBE")]
     pub kube: bool,
+
+    /// Kubeconfig for --kube (default: the in-cluster service account, else $KUBECONFIG).
+    #[arg(long, env = "MESH_KUBECONFIG")]
+    pub kubeconfig: Option<PathBuf>,
+
+    /// Namespace of the mesh Lease (the DaemonSet passes its own namespace).
+    #[arg(long, env = "MESH_KUBE_NAMESPACE", default_value = "mesh-system")]
+    pub kube_namespace: String,
 
     /// Most control connections this node holds (inbound beyond it are refused).
     #[arg(long, env = "MESH_MAX_CONNECTIONS", default_value_t = 64)]
@@ -182,6 +191,12 @@ impl AgentConfig {
             )?,
         };
         let advertise = SocketAddr::new(ip, self.listen.port());
+        if self.kube && self.ipalloc_init.is_some() {
+            bail!("--ipalloc-init and --kube exclude each other: with --kube the first split is made by the holder of the mesh Lease");
+        }
+        if !self.kube && self.kubeconfig.is_some() {
+            bail!("--kubeconfig is only used with --kube");
+        }
         let mut peers = Vec::new();
         for p in &self.peers {
             let p = p.trim();

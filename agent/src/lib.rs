@@ -8,6 +8,7 @@ pub mod cli_render;
 pub mod config;
 pub mod dataplane;
 pub mod ipam;
+pub mod k8s;
 pub mod mesh;
 pub mod netlink;
 pub mod node_net;

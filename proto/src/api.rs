@@ -40,6 +40,29 @@ pub struct StatusResponse {
     /// The node bridge pods attach to; absent with `--dataplane none`.
     #[serde(default)]
     pub node_network: Option<NodeNetworkStatus>,
+    /// The Kubernetes integration; absent without `--kube`.
+    #[serde(default)]
+    pub kube: Option<KubeStatus>,
+}
+
+/// What the Kubernetes side of the agent (`--kube`) is doing.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct KubeStatus {
+    /// `watching nodes` once the Node list arrived, else what it waits for or why it fails.
+    pub api: String,
+    /// Node objects seen (this node's included).
+    pub nodes: usize,
+    /// Nodes that became peer targets (have an address), this node excluded.
+    pub peer_targets: usize,
+    /// The holder of the mesh Lease (the single writer for the first split and reclaims).
+    pub leader: Option<String>,
+    pub is_leader: bool,
+    /// `NetworkUnavailable` as this agent last set it on its Node (`False` once ready).
+    pub network_unavailable: Option<String>,
+    /// Reclaims of deleted Nodes' space made by this node, newest last.
+    pub reclaims: Vec<String>,
+    /// The last API error, if the last call failed.
+    pub last_error: Option<String>,
 }
 
 /// The node side of the pod network (`mesh0`).

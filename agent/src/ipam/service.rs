@@ -331,6 +331,17 @@ impl IpamService {
         Ok(sends)
     }
 
+    /// The elected first split (Kubernetes Lease holder): committed to the store before
+    /// the new ring is sent anywhere. The inner result says whether it happened and why not.
+    pub fn split_elected(
+        &mut self,
+        now: Instant,
+    ) -> Result<(Sends, Result<u64, String>), StoreError> {
+        let (result, out) = self.core.split_elected(now);
+        let (sends, _) = self.carry_out(out)?;
+        Ok((sends, result))
+    }
+
     fn answer_reclaim(&mut self, e: &IpamEvent) {
         let (id, outcome) = match e {
             IpamEvent::Reclaimed { id, .. } if *id != 0 => (*id, Ok(())),

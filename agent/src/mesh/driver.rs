@@ -51,12 +51,17 @@ pub enum ApiRequest {
         reply: oneshot::Sender<Result<Vec<AllocationView>, ApiFailure>>,
     },
     IpamStatus(oneshot::Sender<IpamStatusResponse>),
-    /// `meshctl rmpeer NAME`.
+    /// `meshctl rmpeer NAME`, or the Kubernetes leader reclaiming a deleted Node's space.
     Reclaim {
         name: String,
         force: bool,
         reply: ReclaimReply,
     },
+    /// The peer targets derived from Node objects (`--kube`), replacing the previous set.
+    SetKubeTargets(BTreeSet<String>),
+    /// The elected first split (`--kube`: the Lease holder): the answer says how many
+    /// addresses this node took, or why it did not split.
+    FirstSplit(oneshot::Sender<Result<u64, String>>),
 }
 
 pub struct DriverConfig {
@@ -86,6 +91,9 @@ pub struct Driver {
     pub(super) ipam: IpamService,
     /// The node bridge's side channel: the gateway goes out, its status comes back.
     pub(super) node_net: Option<NodeNetLink>,
+    /// Dial targets from Kubernetes Node objects (`--kube`).
+    kube_targets: BTreeSet<String>,
+    pub(super) kube_status: Option<watch::Receiver<mesh_proto::api::KubeStatus>>,
 }
 
 /// How the driver and the node bridge task talk (absent with `--dataplane none`).
@@ -140,7 +148,36 @@ impl Driver {
             fatal: None,
             ipam,
             node_net: None,
+            kube_targets: BTreeSet::new(),
+            kube_status: None,
         }
+    }
+
+    /// Shows the Kubernetes integration's state in `meshctl status`.
+    pub fn with_kube(mut self, status: watch::Receiver<mesh_proto::api::KubeStatus>) -> Driver {
+        self.kube_status = Some(status);
+        self
+    }
+
+    /// New Node-derived targets are dialed and kept like `--peers`; a target whose Node is
+    /// gone is no longer kept (its link closes when idle, unless it is a neighbour).
+    fn set_kube_targets(&mut self, targets: BTreeSet<String>) {
+        let now = Instant::now();
+        for gone in self.kube_targets.difference(&targets) {
+            if self.cfg.persistent_peers.contains(gone) {
+                continue;
+            }
+            if let Some(d) = self.links.dials.get_mut(gone) {
+                d.role = DialRole::OnDemand;
+            }
+        }
+        for new in targets.difference(&self.kube_targets) {
+            info!(target = %new, "peer target from a Kubernetes Node");
+            self.links
+                .want(new.clone(), None, DialRole::Persistent, now);
+        }
+        self.kube_targets = targets;
+        self.dial_due(now);
     }
 
     /// Tells the data plane what to program: remote nodes, their endpoints and blocks.
@@ -564,6 +601,7 @@ impl Driver {
             ApiRequest::Report(reply) => {
                 let _ = reply.send(self.report(Instant::now()));
             }
+            ApiRequest::SetKubeTargets(targets) => self.set_kube_targets(targets),
             other => self.on_ipam_api(other),
         }
     }

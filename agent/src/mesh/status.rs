@@ -95,5 +95,6 @@ pub fn summary(
         agent_version: env!("CARGO_PKG_VERSION").to_string(),
         uptime_seconds: uptime.as_secs(),
         node_network: None,
+        kube: None,
     }
 }

@@ -93,7 +93,7 @@ impl IpamCore {
         }
         let paxos = match cfg.init {
             InitMode::Consensus(n) => Some(Paxos::new(me, n.max(1), restored.acceptor)),
-            InitMode::Seed(_) => None,
+            InitMode::Seed(_) | InitMode::Elected => None,
         };
         let mut peers = BTreeMap::new();
         peers.insert(
@@ -191,6 +191,9 @@ impl IpamCore {
                     "awaiting consensus (quorum {}, known {known} of {n})",
                     n / 2 + 1
                 )
+            }
+            InitMode::Elected => {
+                "awaiting the first split by the elected leader (Kubernetes Lease)".into()
             }
             InitMode::Seed(names) => {
                 let missing: Vec<&String> = names
@@ -316,7 +319,7 @@ impl IpamCore {
     fn summary(&self) -> IpamMessage {
         let seed = match &self.cfg.init {
             InitMode::Seed(names) => Some(seed_hash(names)),
-            InitMode::Consensus(_) => None,
+            InitMode::Consensus(_) | InitMode::Elected => None,
         };
         IpamMessage::Summary {
             hash: self.ring.hash(),
@@ -338,7 +341,7 @@ impl IpamCore {
             IpamMessage::Summary { hash, free, seed } => {
                 let ours = match &self.cfg.init {
                     InitMode::Seed(names) => Some(seed_hash(names)),
-                    InitMode::Consensus(_) => None,
+                    InitMode::Consensus(_) | InitMode::Elected => None,
                 };
                 if let (Some(a), Some(b)) = (ours, seed) {
                     if a != b {
@@ -421,7 +424,7 @@ impl IpamCore {
                     if let Some(theirs) = step.mismatched_n {
                         let ours = match self.cfg.init {
                             InitMode::Consensus(n) => n,
-                            InitMode::Seed(_) => 0,
+                            InitMode::Seed(_) | InitMode::Elected => 0,
                         };
                         let reason = format!(
                             "it runs --ipalloc-init consensus={theirs}, this node consensus={ours}: give every initial peer the same N"

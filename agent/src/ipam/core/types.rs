@@ -15,6 +15,9 @@ pub enum InitMode {
     Consensus(usize),
     /// Every peer is given the same list of names.
     Seed(Vec<String>),
+    /// Never split on its own: one elected writer (the Kubernetes Lease holder) calls
+    /// `split_elected`, and everyone else learns the ring by gossip.
+    Elected,
 }
 
 #[derive(Clone, Debug)]

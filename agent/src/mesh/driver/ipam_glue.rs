@@ -82,7 +82,23 @@ impl Driver {
     pub(super) fn on_ipam_api(&mut self, req: ApiRequest) {
         let now = Instant::now();
         match req {
-            ApiRequest::Report(_) => {}
+            ApiRequest::Report(_) | ApiRequest::SetKubeTargets(_) => {}
+            ApiRequest::FirstSplit(reply) => match self.ipam.split_elected(now) {
+                Ok((sends, outcome)) => {
+                    if let Ok(addresses) = &outcome {
+                        tracing::info!(
+                            addresses,
+                            "first split of the range, as the elected leader"
+                        );
+                    }
+                    let _ = reply.send(outcome);
+                    self.after_ipam(Ok(sends), now);
+                }
+                Err(e) => {
+                    let _ = reply.send(Err(format!("state store write failed: {e}")));
+                    self.after_ipam(Err(e), now);
+                }
+            },
             ApiRequest::Allocate { request, reply } => {
                 let result = self.ipam.allocate(now, request, reply);
                 self.after_ipam(result, now);

@@ -123,7 +123,7 @@ impl Driver {
         let peers = PeersResponse {
             peers: status::peer_views(&self.core, now),
         };
-        let has_targets = !self.cfg.persistent_peers.is_empty();
+        let has_targets = !self.cfg.persistent_peers.is_empty() || !self.kube_targets.is_empty();
         let ready = !has_targets || !self.links.links.is_empty();
         let status = status::summary(
             &self.core,
@@ -140,6 +140,7 @@ impl Driver {
             n.tunnel_problem = l.tunnel.as_ref().and_then(|t| t.problem.borrow().clone());
             n
         });
+        status.kube = self.kube_status.as_ref().map(|k| k.borrow().clone());
         Report {
             status,
             peers,
