@@ -26,6 +26,8 @@ set -euo pipefail
 CACHE=${MESH_KUBE_CACHE:-/var/cache/mesh-kube}
 VERSION=1.20.2
 BIN=$CACHE/bin
+# What the cached binaries are; a cache without this stamp (or another one) is rebuilt.
+STAMP="kube-apiserver v$VERSION + reflect2 1.0.2 + json-iterator 1.1.12"
 SRC_LIST=/etc/apt/sources.list.d/mesh-kube-deb-src.sources
 
 die() { echo "kube-apiserver.sh: $*" >&2; exit 1; }
@@ -42,6 +44,8 @@ install_packages() {
   command -v openssl >/dev/null 2>&1 || need+=(openssl)
   command -v curl >/dev/null 2>&1 || need+=(curl)
   command -v dpkg-source >/dev/null 2>&1 || need+=(dpkg-dev)
+  [ -d /usr/share/gocode/src/github.com/modern-go/reflect2 ] || need+=(golang-github-modern-go-reflect2-dev)
+  [ -d /usr/share/gocode/src/github.com/json-iterator/go ] || need+=(golang-github-json-iterator-go-dev)
   if ((${#need[@]})); then
     echo "installing: ${need[*]}"
     DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${need[@]}" \
@@ -59,7 +63,7 @@ remove_deb_src() {
 cmd_build() {
   need_root build
   if [ -x "$BIN/kube-apiserver" ] && [ -x "$BIN/kubectl" ] \
-     && "$BIN/kube-apiserver" --version 2>/dev/null | grep -q "v$VERSION"; then
+     && [ "$(cat "$BIN/BUILD" 2>/dev/null)" = "$STAMP" ]; then
     echo "kube-apiserver v$VERSION cached in $BIN"
     return
   fi
@@ -88,7 +92,13 @@ EOF
   tree=$(find "$work" -maxdepth 1 -type d -name 'kubernetes-*' | head -n1)
   [ -n "$tree" ] || die "no kubernetes-* tree in $orig"
 
-  echo "building kube-apiserver v$VERSION from $(basename "$orig") (cold: ~5 min on 2 cores)"
+  # Kubernetes 1.20 vendors reflect2 1.0.1 / json-iterator 1.1.10, which crash under Go >= 1.18
+  # (nil dereference in reflect2.Type2 while decoding maps: kubectl apply fails with
+  # INTERNAL_ERROR at random). Upstream fixed it by moving to reflect2 1.0.2 + json-iterator
+  # 1.1.12; take exactly those from Debian's packages.
+  rsync -a --delete /usr/share/gocode/src/github.com/modern-go/reflect2/ "$tree/vendor/github.com/modern-go/reflect2/"
+  rsync -a --delete /usr/share/gocode/src/github.com/json-iterator/go/ "$tree/vendor/github.com/json-iterator/go/"
+  echo "building kube-apiserver v$VERSION from $(basename "$orig") (cold: ~5-7 min on 2 cores)"
   (
     cd "$tree"
     export GOPATH=$PWD/.go GOPROXY=off GOFLAGS= GOCACHE=$work/gocache CGO_ENABLED=0 HOME=$work/gohome
@@ -104,6 +114,7 @@ EOF
   dpkg-deb -x "$work"/kubernetes-client_*.deb "$work/kubectl"
   install -m 0755 "$work/kubectl/usr/bin/kubectl" "$BIN/kubectl"
 
+  echo "$STAMP" > "$BIN/BUILD"
   rm -rf "$work"
   echo "built in $((SECONDS - t0)) s; cached in $BIN ($(du -sh "$BIN" | cut -f1))"
 }

@@ -260,8 +260,12 @@ pub async fn run(cfg: AgentConfig) -> Result<()> {
     let metrics_listener = tokio::net::TcpListener::bind(cfg.metrics_addr)
         .await
         .with_context(|| format!("cannot bind --metrics-addr {}", cfg.metrics_addr))?;
+    tokio::spawn(server::serve_metrics(
+        metrics_listener,
+        metrics,
+        api_tx.clone(),
+    ));
     tokio::spawn(server::serve_api(api_listener, api_tx, cfg.socket.clone()));
-    tokio::spawn(server::serve_metrics(metrics_listener, metrics));
 
     info!(
         node = %resolved.node_name,

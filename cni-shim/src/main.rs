@@ -9,6 +9,7 @@ mod commands;
 mod conf;
 mod env;
 mod error;
+mod install;
 mod result;
 
 use std::io::{Read, Write};
@@ -24,6 +25,12 @@ use crate::env::{CniEnv, Command};
 const MAX_STDIN: u64 = 4 << 20;
 
 fn main() {
+    // Runtimes call plugins without arguments (CNI_COMMAND says what to do); an argument
+    // means a person or the DaemonSet's init container.
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    if !args.is_empty() {
+        std::process::exit(admin(&args));
+    }
     let started = Instant::now();
     let mut stdin = Vec::new();
     let read = std::io::stdin()
@@ -49,6 +56,41 @@ fn main() {
         let _ = out.flush();
     }
     std::process::exit(code);
+}
+
+fn admin(args: &[String]) -> i32 {
+    match args[0].as_str() {
+        "install" => {
+            let outcome = install::parse_args(&args[1..]).and_then(|a| {
+                let exe =
+                    std::env::current_exe().map_err(|e| format!("cannot find this binary: {e}"))?;
+                install::install(&a, &exe)
+            });
+            match outcome {
+                Ok(paths) => {
+                    for p in paths {
+                        println!("installed {}", p.display());
+                    }
+                    0
+                }
+                Err(e) => {
+                    eprintln!("mesh-cni install: {e}");
+                    1
+                }
+            }
+        }
+        "--version" | "version" => {
+            println!("mesh-cni {}", env!("CARGO_PKG_VERSION"));
+            0
+        }
+        _ => {
+            eprintln!(
+                "mesh-cni is a CNI plugin: runtimes run it with CNI_COMMAND set and the config on stdin.\n{}",
+                install::USAGE
+            );
+            2
+        }
+    }
 }
 
 /// `log_file` is set as soon as the configuration names one, so failures are logged too.

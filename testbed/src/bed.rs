@@ -390,6 +390,14 @@ impl Testbed {
         Ok(())
     }
 
+    /// True while node `i`'s agent process has not exited.
+    pub fn agent_running(&mut self, i: usize) -> bool {
+        self.nodes[i]
+            .agent
+            .as_mut()
+            .is_some_and(|c| matches!(c.try_wait(), Ok(None)))
+    }
+
     pub fn kill_agent(&mut self, i: usize) -> Result<()> {
         if let Some(mut child) = self.nodes[i].agent.take() {
             let _ = child.kill();

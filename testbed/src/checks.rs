@@ -83,7 +83,9 @@ pub fn live_nodes(tb: &Testbed) -> Vec<usize> {
 }
 
 /// Waits until every live node has a mesh route (through its tunnel device) to every pod
-/// on the other live nodes.
+/// on the other live nodes — on the kernel device, a route *to the pod's own node*: right
+/// after a node joins, the donor's older, wider route still covers the joiner's new block,
+/// and accepting it let a check start before the joiner's route existed.
 pub fn wait_for_routes(tb: &Testbed, within: Duration) -> Result<()> {
     let live = live_nodes(tb);
     let deadline = Instant::now() + within;
@@ -97,7 +99,8 @@ pub fn wait_for_routes(tb: &Testbed, within: Duration) -> Result<()> {
                 let text = out
                     .map(|o| String::from_utf8_lossy(&o.stdout).to_string())
                     .unwrap_or_default();
-                if !text.contains("dev mesh-vxlan") && !text.contains("dev mesh-tun") {
+                let to_owner = format!("via {} dev mesh-vxlan", tb.nodes[p.node].underlay_ip);
+                if !text.contains(&to_owner) && !text.contains("dev mesh-tun") {
                     missing.push(format!("{}->{}", node.name, p.name));
                 }
             }

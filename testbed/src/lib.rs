@@ -12,6 +12,7 @@ pub mod chaos;
 pub mod checks;
 pub mod cni;
 pub mod gate;
+pub mod kube;
 pub mod measure;
 pub mod privns;
 pub mod probe;

@@ -9,7 +9,9 @@ use anyhow::Result;
 
 use crate::{gate, privns, Testbed};
 
-pub type Case = fn(&mut Testbed) -> Result<()>;
+pub type Case = CaseOn<Testbed>;
+/// A named step of a suite whose shared state is `C`.
+pub type CaseOn<C> = fn(&mut C) -> Result<()>;
 
 pub fn run(suite: &str, setup: fn() -> Result<Testbed>, cases: &[(&str, Case)]) {
     if !gate::e2e_allowed(suite) {
@@ -22,24 +24,7 @@ pub fn run(suite: &str, setup: fn() -> Result<Testbed>, cases: &[(&str, Case)]) 
         Ok(tb) => tb,
         Err(e) => panic!("{suite}: testbed set-up failed: {e:#}"),
     };
-    let filter = std::env::args().nth(1).filter(|a| !a.starts_with('-'));
-    let mut failed = 0;
-    for (name, case) in cases {
-        if filter.as_ref().is_some_and(|f| !name.contains(f.as_str())) {
-            continue;
-        }
-        let started = Instant::now();
-        match case(&mut tb) {
-            Ok(()) => println!("test {name} ... ok ({:.1?})", started.elapsed()),
-            Err(e) => {
-                failed += 1;
-                println!(
-                    "test {name} ... FAILED ({:.1?})\n  {e:#}",
-                    started.elapsed()
-                );
-            }
-        }
-    }
+    let mut failed = run_cases(&mut tb, cases, false);
     if failed > 0 {
         println!("{}", tb.logs(40));
     }
@@ -53,4 +38,33 @@ pub fn run(suite: &str, setup: fn() -> Result<Testbed>, cases: &[(&str, Case)]) 
     if failed > 0 {
         std::process::exit(1);
     }
+}
+
+/// Runs the named cases in order on `ctx` (the command line's first argument filters them
+/// by substring), printing each outcome; with `stop_at_failure`, cases after a failure are
+/// skipped (for suites whose cases build on each other). Returns how many failed.
+pub fn run_cases<C>(ctx: &mut C, cases: &[(&str, CaseOn<C>)], stop_at_failure: bool) -> usize {
+    let filter = std::env::args().nth(1).filter(|a| !a.starts_with('-'));
+    let mut failed = 0;
+    for (name, case) in cases {
+        if filter.as_ref().is_some_and(|f| !name.contains(f.as_str())) {
+            continue;
+        }
+        let started = Instant::now();
+        match case(ctx) {
+            Ok(()) => println!("test {name} ... ok ({:.1?})", started.elapsed()),
+            Err(e) => {
+                failed += 1;
+                println!(
+                    "test {name} ... FAILED ({:.1?})\n  {e:#}",
+                    started.elapsed()
+                );
+                if stop_at_failure {
+                    println!("(later cases build on this one: not run)");
+                    break;
+                }
+            }
+        }
+    }
+    failed
 }

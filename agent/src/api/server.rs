@@ -325,8 +325,18 @@ pub async fn serve_api(
     }
 }
 
-pub async fn serve_metrics(listener: tokio::net::TcpListener, metrics: Arc<Metrics>) {
-    let app = Router::new().route(
+/// Prometheus metrics, plus `/healthz` and `/readyz` for kubelet's probes (a DaemonSet's
+/// httpGet probe cannot reach the root-only unix socket).
+pub async fn serve_metrics(
+    listener: tokio::net::TcpListener,
+    metrics: Arc<Metrics>,
+    driver: mpsc::Sender<ApiRequest>,
+) {
+    let probes = Router::new()
+        .route("/healthz", get(healthz))
+        .route("/readyz", get(readyz))
+        .with_state(ApiState { driver });
+    let app = Router::new().merge(probes).route(
         "/metrics",
         get(move || {
             let metrics = metrics.clone();
