@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, ensure, Context, Result};
 use serde_json::json;
 
-use crate::checks::{connectivity, live_nodes, wait_for_routes};
+use crate::checks::{connectivity, live_nodes, wait_for_routes, wait_for_traffic};
 use crate::{AgentOptions, Testbed};
 
 /// How nodes added by the scenarios run.
@@ -41,6 +41,11 @@ pub fn run_all(tb: &mut Testbed, cfg: &ChaosConfig, out: &mut dyn Write) -> Resu
         let started = Instant::now();
         let outcome = scenario(tb, cfg, out).and_then(|()| {
             wait_for_routes(tb, Duration::from_secs(30))?;
+            let converged = wait_for_traffic(tb, Duration::from_secs(30))?;
+            say(
+                out,
+                format!("pod-to-pod traffic through after {converged:.1?}"),
+            )?;
             if connectivity(tb, out)? {
                 Ok(())
             } else {

@@ -9,7 +9,7 @@ use std::net::Ipv4Addr;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use anyhow::{Context, Result};
+use anyhow::{bail, Context, Result};
 
 use crate::{probe, Testbed};
 
@@ -117,6 +117,58 @@ pub fn wait_for_routes(tb: &Testbed, within: Duration) -> Result<()> {
     }
 }
 
+/// Waits until every pod has had an answer from every pod on another live node (one ping
+/// per attempt, answered pairs are not asked again) and returns how long that took. After a
+/// fault the kernel state can be complete while traffic is not through yet (seen: pods on old
+/// nodes unanswered by a just-joined node's pods for several seconds under CPU load, with
+/// every route, neighbour and FDB entry already in place), so checks that judge the steady
+/// state wait for this first; a pair still silent at `within` is an error naming it.
+pub fn wait_for_traffic(tb: &Testbed, within: Duration) -> Result<Duration> {
+    let started = Instant::now();
+    let live = live_nodes(tb);
+    let pods: Vec<(&str, &str, Ipv4Addr, usize)> = tb
+        .pods
+        .iter()
+        .filter(|p| live.contains(&p.node))
+        .filter_map(|p| Some((p.name.as_str(), p.netns.as_str(), p.address?, p.node)))
+        .collect();
+    let mut pending: Vec<(&str, &str, &str, Ipv4Addr)> = Vec::new();
+    for (a, a_ns, _, a_node) in &pods {
+        for (b, _, b_ip, b_node) in &pods {
+            if a_node != b_node {
+                pending.push((a, a_ns, b, *b_ip));
+            }
+        }
+    }
+    loop {
+        let mut still = Vec::new();
+        for (a, a_ns, b, ip) in pending {
+            let answered = tb
+                .ns_output(a_ns, &["ping", "-c", "1", "-W", "1", &ip.to_string()])
+                .map(|o| o.status.success())
+                .unwrap_or(false);
+            if !answered {
+                still.push((a, a_ns, b, ip));
+            }
+        }
+        if still.is_empty() {
+            return Ok(started.elapsed());
+        }
+        if started.elapsed() > within {
+            let names: Vec<String> = still
+                .iter()
+                .map(|(a, _, b, _)| format!("{a}->{b}"))
+                .collect();
+            bail!(
+                "pods still unanswered after {within:?}: {}",
+                names.join(" ")
+            );
+        }
+        pending = still;
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
 /// 2 when a ping is answered, 1 when only a second one is, 0 when neither (2 s each).
 fn answered(tb: &Testbed, from_ns: &str, to: Ipv4Addr) -> Result<u32> {
     if tb.pings(from_ns, to)? {
@@ -131,6 +183,88 @@ fn seen(r: &Result<Ipv4Addr>) -> String {
         Ok(ip) => format!("seen as {ip}"),
         Err(e) => format!("{e:#}"),
     }
+}
+
+/// What the kernel thinks of an unanswered pair: the sender's neighbour entry and route,
+/// and, for a pod, its node's route to the destination and its bridge neighbour entry.
+fn diagnose(
+    tb: &Testbed,
+    from: &str,
+    from_ns: &str,
+    to: &str,
+    ip: Ipv4Addr,
+    out: &mut dyn Write,
+) -> Result<()> {
+    let ip_text = ip.to_string();
+    let show = |ns: &str, args: &[&str]| -> String {
+        tb.ns_output(ns, args)
+            .map(|o| {
+                let text = String::from_utf8_lossy(&o.stdout)
+                    .trim()
+                    .replace('\n', " | ");
+                if text.is_empty() {
+                    "(none)".to_string()
+                } else {
+                    text
+                }
+            })
+            .unwrap_or_else(|e| e.to_string())
+    };
+    writeln!(out, "  why {from} -> {to} ({ip}) failed:")?;
+    writeln!(
+        out,
+        "    {from} neigh: {}",
+        show(from_ns, &["ip", "neigh", "show", "to", &ip_text])
+    )?;
+    writeln!(
+        out,
+        "    {from} route: {}",
+        show(from_ns, &["ip", "route", "get", &ip_text])
+    )?;
+    if let Some(p) = tb.pods.iter().find(|p| p.netns == from_ns) {
+        let node = &tb.nodes[p.node];
+        writeln!(
+            out,
+            "    {} route: {}",
+            node.name,
+            show(
+                &node.netns,
+                &[
+                    "ip",
+                    "route",
+                    "get",
+                    &ip_text,
+                    "iif",
+                    "mesh0",
+                    "from",
+                    &p.address.map(|a| a.to_string()).unwrap_or_default()
+                ]
+            )
+        )?;
+        writeln!(
+            out,
+            "    {} neigh: {}",
+            node.name,
+            show(&node.netns, &["ip", "neigh", "show", "to", &ip_text])
+        )?;
+    }
+    if let Some(p) = tb.pods.iter().find(|p| p.address == Some(ip)) {
+        let node = &tb.nodes[p.node];
+        let back = tb
+            .pods
+            .iter()
+            .find(|q| q.netns == from_ns)
+            .and_then(|q| q.address);
+        if let Some(back) = back {
+            writeln!(
+                out,
+                "    {} route back: {}",
+                node.name,
+                show(&node.netns, &["ip", "route", "get", &back.to_string()])
+            )?;
+        }
+    }
+    Ok(())
 }
 
 /// Runs every check, printing as it goes; true when all passed.
@@ -149,6 +283,7 @@ pub fn connectivity(tb: &mut Testbed, out: &mut dyn Write) -> Result<bool> {
     }
     let width = ends.iter().map(|e| e.0.len()).max().unwrap_or(4).max(4) + 2;
     let mut lost_one = 0usize;
+    let mut unanswered = Vec::new();
     writeln!(out, "ping matrix (row -> column):")?;
     write!(out, "{:width$}", "")?;
     for (name, ..) in &ends {
@@ -169,6 +304,7 @@ pub fn connectivity(tb: &mut Testbed, out: &mut dyn Write) -> Result<bool> {
                     }
                     _ => {
                         failed += 1;
+                        unanswered.push((from.clone(), from_ns.clone(), to.clone(), *ip));
                         "FAIL"
                     }
                 }
@@ -183,6 +319,9 @@ pub fn connectivity(tb: &mut Testbed, out: &mut dyn Write) -> Result<bool> {
             out,
             "ok* = the first ping was lost, a second one answered ({lost_one} pair(s)); counted as reachable"
         )?;
+    }
+    for (from, from_ns, to, ip) in unanswered.iter().take(3) {
+        diagnose(tb, from, from_ns, to, *ip, out)?;
     }
     let mut line = |ok: bool, what: String, out: &mut dyn Write| -> Result<()> {
         if !ok {
