@@ -84,7 +84,11 @@ impl ApiServer {
             }
             if started.elapsed() > Duration::from_secs(90) {
                 let _ = child.kill();
-                bail!("kube-apiserver not ready within 90 s");
+                bail!(
+                    "kube-apiserver not ready within 90 s: see {} and {}",
+                    dir.join("kube-apiserver.log").display(),
+                    dir.join("etcd.log").display()
+                );
             }
             std::thread::sleep(Duration::from_millis(100));
         }

@@ -415,10 +415,9 @@ fn pings_all(c: &Ctx) -> Result<()> {
             if from == to_ns {
                 continue;
             }
-            let ok = wait_for(Duration::from_secs(10), &format!("{from} -> {to}"), || {
+            wait_for(Duration::from_secs(10), &format!("{from} -> {to}"), || {
                 Ok(c.tb.pings(from, *to)?.then_some(()))
-            });
-            ok?;
+            })?;
         }
     }
     Ok(())
@@ -551,21 +550,28 @@ fn deleted_node_reclaimed_once(c: &mut Ctx) -> Result<()> {
 }
 
 fn data_plane_outlives_apiserver(c: &mut Ctx) -> Result<()> {
-    c.api.stop();
     let live: Vec<usize> = (0..c.tb.nodes.len())
         .filter(|j| !c.tb.nodes[*j].removed)
         .collect();
-    wait_for(
+    // Every agent renews or reads the Lease every 2 s: a Lease error appears only once the
+    // apiserver is gone.
+    let lease_error = |c: &Ctx| -> Result<Option<String>> {
+        let k = kube_status(c, live[0])?;
+        Ok(k["last_error"]
+            .as_str()
+            .filter(|e| e.contains("Lease mesh-system/mesh-leader"))
+            .map(String::from))
+    };
+    if let Some(e) = lease_error(c)? {
+        bail!("a Lease error before the apiserver stopped: {e}");
+    }
+    c.api.stop();
+    let shown = wait_for(
         Duration::from_secs(30),
         "the outage shown in meshctl status",
-        || {
-            let k = kube_status(c, live[0])?;
-            Ok(k["last_error"]
-                .as_str()
-                .filter(|e| !e.is_empty())
-                .map(String::from))
-        },
+        || lease_error(c),
     )?;
+    println!("  apiserver stopped; meshctl status says: {shown}");
     for j in &live {
         if !c.tb.agent_running(*j) {
             bail!(

@@ -75,10 +75,7 @@ impl Observer {
         match record.holder {
             None => Decision::Take,
             Some(h) if h == me => Decision::Renew,
-            Some(h) if now.duration_since(since) >= record.duration => {
-                let _ = h;
-                Decision::Take
-            }
+            Some(_) if now.duration_since(since) >= record.duration => Decision::Take,
             Some(h) => Decision::Follow(h),
         }
     }

@@ -82,7 +82,7 @@ async fn connect(opts: &KubeOptions) -> anyhow::Result<Client> {
         }
         None => kube::Config::infer()
             .await
-            .context("no in-cluster service account and no kubeconfig ($KUBECONFIG)")?,
+            .context("no in-cluster service account and no kubeconfig: run in a pod with a ServiceAccount, or pass --kubeconfig (or set $KUBECONFIG)")?,
     };
     Client::try_from(config).context("cannot build a Kubernetes client")
 }

@@ -92,7 +92,7 @@ pub struct Driver {
     /// The node bridge's side channel: the gateway goes out, its status comes back.
     pub(super) node_net: Option<NodeNetLink>,
     /// Dial targets from Kubernetes Node objects (`--kube`).
-    kube_targets: BTreeSet<String>,
+    pub(super) kube_targets: BTreeSet<String>,
     pub(super) kube_status: Option<watch::Receiver<mesh_proto::api::KubeStatus>>,
 }
 
@@ -151,33 +151,6 @@ impl Driver {
             kube_targets: BTreeSet::new(),
             kube_status: None,
         }
-    }
-
-    /// Shows the Kubernetes integration's state in `meshctl status`.
-    pub fn with_kube(mut self, status: watch::Receiver<mesh_proto::api::KubeStatus>) -> Driver {
-        self.kube_status = Some(status);
-        self
-    }
-
-    /// New Node-derived targets are dialed and kept like `--peers`; a target whose Node is
-    /// gone is no longer kept (its link closes when idle, unless it is a neighbour).
-    fn set_kube_targets(&mut self, targets: BTreeSet<String>) {
-        let now = Instant::now();
-        for gone in self.kube_targets.difference(&targets) {
-            if self.cfg.persistent_peers.contains(gone) {
-                continue;
-            }
-            if let Some(d) = self.links.dials.get_mut(gone) {
-                d.role = DialRole::OnDemand;
-            }
-        }
-        for new in targets.difference(&self.kube_targets) {
-            info!(target = %new, "peer target from a Kubernetes Node");
-            self.links
-                .want(new.clone(), None, DialRole::Persistent, now);
-        }
-        self.kube_targets = targets;
-        self.dial_due(now);
     }
 
     /// Tells the data plane what to program: remote nodes, their endpoints and blocks.
@@ -521,7 +494,7 @@ impl Driver {
     }
 
     /// Starts every dial whose time has come.
-    fn dial_due(&mut self, now: Instant) {
+    pub(super) fn dial_due(&mut self, now: Instant) {
         let mut start = Vec::new();
         for (target, d) in self.links.dials.iter_mut() {
             let connected = d.peer.is_some_and(|p| self.links.links.contains_key(&p));
@@ -608,4 +581,5 @@ impl Driver {
 }
 
 mod ipam_glue;
+mod kube_glue;
 mod reporting;
