@@ -398,6 +398,7 @@ impl Testbed {
             .is_some_and(|c| matches!(c.try_wait(), Ok(None)))
     }
 
+    /// SIGKILL: the agent dies as in a crash or a power cut, saying goodbye to nobody.
     pub fn kill_agent(&mut self, i: usize) -> Result<()> {
         if let Some(mut child) = self.nodes[i].agent.take() {
             let _ = child.kill();

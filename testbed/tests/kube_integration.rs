@@ -75,6 +75,10 @@ fn main() {
             deleted_node_reclaimed_once,
         ),
         (
+            "the leader's and first splitter's Node deleted: a new leader reclaims it once",
+            deleted_leader_reclaimed_once,
+        ),
+        (
             "the data plane outlives the apiserver",
             data_plane_outlives_apiserver,
         ),
@@ -464,19 +468,65 @@ fn node_added_later_joins(c: &mut Ctx) -> Result<()> {
     pings_all(c)
 }
 
+fn lease_field(c: &Ctx, field: &str) -> Result<String> {
+    c.api
+        .jsonpath(&c.tb, &["-n", "mesh-system", "lease", "mesh-leader"], field)
+}
+
+fn lease_holder(c: &Ctx) -> Result<String> {
+    lease_field(c, "{.spec.holderIdentity}")
+}
+
+fn first_splitter(c: &Ctx) -> Result<String> {
+    lease_field(c, "{.metadata.annotations.mesh\\.dev/first-split-by}")
+}
+
+fn node_index(c: &Ctx, name: &str) -> Option<usize> {
+    (0..c.tb.nodes.len()).find(|i| c.tb.nodes[*i].name == name && !c.tb.nodes[*i].removed)
+}
+
 fn deleted_node_reclaimed_once(c: &mut Ctx) -> Result<()> {
-    // Not the first splitter: it holds every reclaim anchor of the range, and reclaiming it
-    // needs an IPAM change that is not made yet (known, in the notes). Not the Lease
-    // holder either, so the reclaim is made without a leadership change.
-    let lease = |f: &str| {
-        c.api
-            .jsonpath(&c.tb, &["-n", "mesh-system", "lease", "mesh-leader"], f)
-    };
-    let holder = lease("{.spec.holderIdentity}")?;
-    let splitter = lease("{.metadata.annotations.mesh\\.dev/first-split-by}")?;
-    let gone = (0..3)
+    // Neither the Lease holder nor the first splitter: reclaimed without a leadership
+    // change, through the anchor coordinator. The next case deletes those.
+    let (holder, splitter) = (lease_holder(c)?, first_splitter(c)?);
+    let gone = (0..c.tb.nodes.len())
         .find(|i| c.tb.nodes[*i].name != holder && c.tb.nodes[*i].name != splitter)
         .context("no node is neither Lease holder nor first splitter")?;
+    delete_node_and_check_reclaim(c, gone, Duration::from_secs(40))
+}
+
+fn deleted_leader_reclaimed_once(c: &mut Ctx) -> Result<()> {
+    // The first splitter owns every reclaim anchor of the range, so no peer coordinates its
+    // reclaim; it usually holds the Lease too, so its deletion also needs a new leader
+    // (after the 15 s Lease duration) before anything can be reclaimed.
+    let (holder, splitter) = (lease_holder(c)?, first_splitter(c)?);
+    let gone = node_index(c, &splitter)
+        .or_else(|| node_index(c, &holder))
+        .context("neither the first splitter nor the Lease holder is a live node")?;
+    let name = c.tb.nodes[gone].name.clone();
+    println!(
+        "  deleting {name}: Lease holder {}, first splitter {}",
+        name == holder,
+        name == splitter
+    );
+    // A crash, not a goodbye: the Lease is left to expire and the mesh must notice.
+    c.tb.kill_agent(gone)?;
+    delete_node_and_check_reclaim(c, gone, Duration::from_secs(60))?;
+    let new_holder = lease_holder(c)?;
+    if new_holder == name || node_index(c, &new_holder).is_none() {
+        bail!("the Lease is held by {new_holder:?}, not by a live node");
+    }
+    let fence = lease_field(c, "{.metadata.annotations.mesh\\.dev/last-reclaim}")?;
+    if !fence.starts_with(&format!("{name} by {new_holder}")) {
+        bail!("the Lease does not record the reclaim of {name} by {new_holder}: {fence:?}");
+    }
+    println!("  Lease now held by {new_holder}; it records: {fence}");
+    Ok(())
+}
+
+/// Stops node `gone`'s agent, deletes its Node, and checks that its space is reclaimed in
+/// every live node's view within `within`, by exactly one reclaim, and nothing is lost.
+fn delete_node_and_check_reclaim(c: &mut Ctx, gone: usize, within: Duration) -> Result<()> {
     let name = c.tb.nodes[gone].name.clone();
     let before = log_count(c, "reclaimed the address space of a deleted Node");
     c.tb.remove_node(gone)?;
@@ -487,7 +537,7 @@ fn deleted_node_reclaimed_once(c: &mut Ctx) -> Result<()> {
         .collect();
     for j in &live {
         wait_for(
-            Duration::from_secs(40),
+            within,
             &format!("{name}'s space gone in node {}'s view", j + 1),
             || {
                 let ipam = c.tb.meshctl_json(*j, &["status", "ipam"])?;

@@ -146,6 +146,32 @@ pub async fn claim_first_split(
     Ok(write(api.replace(LEASE_NAME, &PostParams::default(), &next).await)?.is_some())
 }
 
+/// The last reclaim the holder made, written (resourceVersion-checked) just before it.
+pub const LAST_RECLAIM_ANNOTATION: &str = "mesh.dev/last-reclaim";
+
+/// Fences a reclaim: records on the Lease, as read in `lease` (which must show us as the
+/// holder), that `me` reclaims `peer` now. `Ok(None)` if anyone wrote the Lease since —
+/// perhaps a new holder — in which case the caller must not reclaim.
+pub async fn record_reclaim(
+    api: &Api<Lease>,
+    lease: &Lease,
+    me: &str,
+    peer: &str,
+) -> Result<Option<Lease>, kube::Error> {
+    if holder(lease) != Some(me) {
+        return Ok(None);
+    }
+    let mut next = lease.clone();
+    next.metadata
+        .annotations
+        .get_or_insert_with(Default::default)
+        .insert(
+            LAST_RECLAIM_ANNOTATION.into(),
+            format!("{peer} by {me} at {}", Timestamp::now()),
+        );
+    write(api.replace(LEASE_NAME, &PostParams::default(), &next).await)
+}
+
 pub fn first_split_by(lease: &Lease) -> Option<&str> {
     lease
         .metadata

@@ -100,8 +100,26 @@ pub fn describe(e: &kube::Error) -> String {
                 s.message
             )
         }
-        other => other.to_string(),
+        kube::Error::Service(_) | kube::Error::HyperError(_) => format!(
+            "cannot reach the Kubernetes API server ({}); retrying",
+            chain(e)
+        ),
+        other => chain(other),
     }
+}
+
+/// An error with its causes, `: `-separated (kube's own texts stop at "client error").
+fn chain(e: &dyn std::error::Error) -> String {
+    let mut text = e.to_string();
+    let mut cause = e.source();
+    while let Some(c) = cause {
+        let more = c.to_string();
+        if !text.contains(&more) {
+            text = format!("{text}: {more}");
+        }
+        cause = c.source();
+    }
+    text
 }
 
 fn describe_watch(e: &watcher::Error) -> String {
@@ -368,11 +386,33 @@ impl Integration {
             |n| book.contains(n),
             &peers,
         );
+        let mut lease = current.clone();
         for name in due {
             self.reclaimer.asked(&name, now);
+            // Fencing: the reclaim is written on the Lease with a resourceVersion check
+            // first, so a holder that lost the Lease a moment ago cannot act on stale
+            // leadership. It then reclaims with `force`: the Lease makes this node the single
+            // writer, which lets it decide even when the gone peer owns every anchor (the
+            // first splitter does) or the other anchor owners are down.
+            match lease::record_reclaim(&self.leases, &lease, &self.opts.node_name, &name).await {
+                Ok(Some(next)) => lease = next,
+                Ok(None) => {
+                    info!(peer = %name, "the Lease changed under us; not reclaiming this round");
+                    return;
+                }
+                Err(e) => {
+                    let text = format!(
+                        "recording the reclaim of {name} on the Lease: {}",
+                        describe(&e)
+                    );
+                    warn!(error = %text, "cannot fence the reclaim; will retry");
+                    self.status.send_modify(|s| s.last_error = Some(text));
+                    return;
+                }
+            }
             let answer = ask(&self.driver, |reply| ApiRequest::Reclaim {
                 name: name.clone(),
-                force: false,
+                force: true,
                 reply,
             })
             .await;
@@ -433,5 +473,22 @@ impl Integration {
             Some(Err(reason)) => info!(reason = %reason, "first split not made"),
             None => {}
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_unreachable_apiserver_is_described_with_its_cause() {
+        let refused =
+            std::io::Error::new(std::io::ErrorKind::ConnectionRefused, "connection refused");
+        let text = describe(&kube::Error::Service(Box::new(refused)));
+        assert!(
+            text.starts_with("cannot reach the Kubernetes API server"),
+            "{text}"
+        );
+        assert!(text.contains("connection refused"), "{text}");
     }
 }

@@ -7,6 +7,13 @@
 //! writes X's blocks over to the requester (one version up), stores that, and only then
 //! answers. A second `rmpeer X` — from any node, at the same moment — reaches the same
 //! coordinator, which finds X owning nothing and refuses it. Two owners cannot result.
+//!
+//! A peer can own every anchor: the only node of a one-node cluster, or the node that made
+//! an elected first split (`--kube`), keeps them until it is reclaimed. Nobody else can
+//! coordinate its reclaim, so a writer that is single by other means decides it itself:
+//! with `force` (the operator asserting the others are gone — the Kubernetes Lease holder
+//! asks that way too, fenced by its Lease write just before), when no anchor owner other
+//! than the dead peer is up, the asking node is the coordinator.
 
 use std::time::{Duration, Instant};
 
@@ -49,12 +56,18 @@ impl IpamCore {
 
     /// Who decides reclaims of `dead`, as this node sees the ring. With `force`, anchor
     /// owners this node believes down are skipped too: the operator asserts they are gone
-    /// (the escape from two dead peers being each other's coordinator).
+    /// (the escape from two dead peers being each other's coordinator), and if that leaves
+    /// nobody — `dead` owned every anchor, or all other owners are down — this node decides.
     pub fn coordinator_for(&self, dead: PeerId, force: bool) -> Option<PeerId> {
-        self.anchors()
+        let found = self
+            .anchors()
             .iter()
             .filter_map(|a| self.ring.owner_of(*a).map(|(_, o)| o.owner))
-            .find(|o| *o != dead && *o != NOBODY && (!force || *o == self.me || self.is_up(*o)))
+            .find(|o| *o != dead && *o != NOBODY && (!force || *o == self.me || self.is_up(*o)));
+        match found {
+            None if force => Some(self.me),
+            other => other,
+        }
     }
 
     fn find_peer(&self, name: &str) -> Option<PeerId> {
@@ -98,7 +111,10 @@ impl IpamCore {
             ));
         }
         let coordinator = self.coordinator_for(dead, force).ok_or_else(|| {
-            format!("{name} owns every anchor of the range; no peer can decide its reclaim")
+            format!(
+                "{name} owns every anchor of the range (it made the first split, or was alone), so no peer \
+                 coordinates its reclaim: if it is gone for good run 'meshctl rmpeer --force {name}' on one node"
+            )
         })?;
         if coordinator != self.me && !self.is_up(coordinator) {
             let who = self.name_of(coordinator);
@@ -324,6 +340,93 @@ mod tests {
         assert!(
             matches!(out.first(), Some(IpamOutput::Persist(_))),
             "the decision is stored first"
+        );
+        assert!(b.ring().blocks_of(PeerId(1)).is_empty());
+        let (r, _) = b.reclaim(t0, "a", true);
+        assert!(r.unwrap_err().contains("already reclaimed"));
+    }
+
+    /// The elected first splitter (`--kube`) owns every anchor, so no other peer can
+    /// coordinate its reclaim. Without `force` that is refused with the way out; with it
+    /// (the operator, or the Lease holder) the asking node decides, stores first, and a
+    /// second reclaim finds nothing left.
+    #[test]
+    fn a_peer_owning_every_anchor_is_reclaimed_by_the_forcing_node() {
+        let t0 = Instant::now();
+        let range: Block = "10.32.0.0/24".parse().unwrap();
+        let mut a = IpamCore::new(
+            IpamConfig::new(range, InitMode::Elected),
+            PeerId(1),
+            "a",
+            Restored::default(),
+            t0,
+        );
+        let mut b = IpamCore::new(
+            IpamConfig::new(range, InitMode::Elected),
+            PeerId(2),
+            "b",
+            Restored::default(),
+            t0,
+        );
+        let two = |up_a: bool| {
+            vec![
+                PeerInfo {
+                    id: PeerId(1),
+                    name: "a".into(),
+                    up: up_a,
+                },
+                PeerInfo {
+                    id: PeerId(2),
+                    name: "b".into(),
+                    up: true,
+                },
+            ]
+        };
+        a.handle(
+            t0,
+            IpamInput::Topology {
+                peers: two(true),
+                neighbours: vec![PeerId(2)],
+            },
+        );
+        assert!(a.split_elected(t0).0.is_ok());
+        b.handle(
+            t0,
+            IpamInput::Message {
+                from: PeerId(1),
+                msg: IpamMessage::Entries {
+                    entries: a.ring().entries(),
+                },
+            },
+        );
+        assert_eq!(
+            b.ring().blocks_of(PeerId(1)).len(),
+            a.ring().blocks_of(PeerId(1)).len()
+        );
+        assert_eq!(b.coordinator_for(PeerId(1), false), None);
+        b.handle(
+            t0,
+            IpamInput::Topology {
+                peers: two(false),
+                neighbours: vec![],
+            },
+        );
+        let (r, _) = b.reclaim(t0, "a", false);
+        let err = r.unwrap_err();
+        assert!(
+            err.contains("every anchor") && err.contains("--force"),
+            "{err}"
+        );
+        let (r, out) = b.reclaim(t0, "a", true);
+        assert_eq!(
+            r,
+            Ok(ReclaimStart::Done {
+                addresses: range.size()
+            })
+        );
+        assert!(
+            matches!(out.first(), Some(IpamOutput::Persist(_))),
+            "the decision is stored first: {out:?}"
         );
         assert!(b.ring().blocks_of(PeerId(1)).is_empty());
         let (r, _) = b.reclaim(t0, "a", true);
