@@ -23,6 +23,9 @@ command -v pkg-config >/dev/null 2>&1 || need+=(pkg-config)
 command -v ip >/dev/null 2>&1 || need+=(iproute2)
 command -v ping >/dev/null 2>&1 || need+=(iputils-ping)
 command -v iptables >/dev/null 2>&1 || need+=(iptables)
+# setpriv + sysctl: the kube test runs an agent with only the DaemonSet's capabilities.
+command -v setpriv >/dev/null 2>&1 || need+=(util-linux)
+command -v sysctl >/dev/null 2>&1 || need+=(procps)
 # The reference CNI plugins (portmap, bandwidth, loopback) chained with mesh-cni in tests.
 [ -x /usr/lib/cni/portmap ] || need+=(containernetworking-plugins)
 # containerd + runc: the real CNI client of the end-to-end tests; protoc for the CRI client.

@@ -49,6 +49,8 @@ pub struct Node {
     pub removed: bool,
     /// Its `--dataplane`.
     pub dataplane: String,
+    /// Runs with only the rights deploy/'s DaemonSet gives it (see `confine_agent`).
+    confined: bool,
 }
 
 impl Node {
@@ -306,6 +308,7 @@ impl Testbed {
             agent: None,
             removed: false,
             dataplane: opts.dataplane.clone(),
+            confined: false,
         });
         Ok(i)
     }
@@ -333,8 +336,19 @@ impl Testbed {
             .append(true)
             .open(&node.log)?;
         let mut cmd = Command::new("ip");
-        cmd.args(["netns", "exec", &node.netns])
-            .arg(self.bin_dir.join("mesh-agent"))
+        cmd.args(["netns", "exec", &node.netns]);
+        if node.confined {
+            // In `ip netns exec`'s own mount namespace: /proc/sys read-only, then the agent
+            // as root holding only CAP_NET_ADMIN and CAP_NET_RAW (exec keeps the PID).
+            cmd.args([
+                "sh",
+                "-c",
+                "mount --bind /proc/sys /proc/sys && mount -o remount,bind,ro /proc/sys && \
+                 exec setpriv --inh-caps=-all --ambient-caps=-all \
+                 --bounding-set=-all,+net_admin,+net_raw \"$0\" \"$@\"",
+            ]);
+        }
+        cmd.arg(self.bin_dir.join("mesh-agent"))
             .args(&node.args)
             .env("MESH_LOG", "info")
             .stdin(Stdio::null())
@@ -342,6 +356,19 @@ impl Testbed {
             .stderr(log);
         die_with_parent(&mut cmd);
         node.agent = Some(cmd.spawn().context("spawn mesh-agent")?);
+        Ok(())
+    }
+
+    /// From its next start, node `i`'s agent runs as deploy/'s DaemonSet runs it: root with
+    /// only CAP_NET_ADMIN and CAP_NET_RAW, and /proc/sys read-only (what container runtimes
+    /// give an unprivileged container). The node gets `net.ipv4.ip_forward=1` beforehand,
+    /// as a Kubernetes node has it (kubeadm's preflight requires it).
+    pub fn confine_agent(&mut self, i: usize) -> Result<()> {
+        self.ns(
+            &self.nodes[i].netns,
+            &["sysctl", "-q", "-w", "net.ipv4.ip_forward=1"],
+        )?;
+        self.nodes[i].confined = true;
         Ok(())
     }
 

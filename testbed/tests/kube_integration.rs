@@ -438,11 +438,14 @@ fn pods_reach_each_other(c: &mut Ctx) -> Result<()> {
 fn node_added_later_joins(c: &mut Ctx) -> Result<()> {
     let pids: Vec<Option<u32>> = c.tb.nodes.iter().map(|n| n.agent_pid()).collect();
     let kubeconfig = c.api.kubeconfig_unprivileged().display().to_string();
+    // The userspace data plane, and only the rights deploy/'s DaemonSet grants (NET_ADMIN,
+    // NET_RAW, /proc/sys read-only): a mixed cluster, and proof the container needs no more.
     let i = c.tb.add_node(&AgentOptions {
         ipalloc_init: None,
-        dataplane: "vxlan".into(),
+        dataplane: "udp".into(),
         extra: vec!["--kube".into(), "--kubeconfig".into(), kubeconfig],
     })?;
+    c.tb.confine_agent(i)?;
     let name = c.tb.nodes[i].name.clone();
     // As on a real node: kubelet registers the Node, then the DaemonSet pod starts.
     let created = Instant::now();
@@ -463,6 +466,31 @@ fn node_added_later_joins(c: &mut Ctx) -> Result<()> {
         bail!("agents were restarted: {pids:?} -> {now:?}");
     }
     c.tb.wait_ready(i, Duration::from_secs(30))?;
+    let pid = c.tb.nodes[i]
+        .agent_pid()
+        .context("the new agent has no PID")?;
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+    let caps = status
+        .lines()
+        .find_map(|l| l.strip_prefix("CapEff:"))
+        .map(str::trim)
+        .unwrap_or("?");
+    // CAP_NET_ADMIN (12) and CAP_NET_RAW (13): nothing else.
+    if caps != "0000000000003000" {
+        bail!("{name}'s agent runs with capabilities {caps}, not just NET_ADMIN + NET_RAW");
+    }
+    // What it would have written to /proc/sys, it set through netlink.
+    for (path, want) in [
+        ("/proc/sys/net/ipv4/conf/mesh0/proxy_arp", "1"),
+        ("/proc/sys/net/ipv4/neigh/mesh0/proxy_delay", "0"),
+    ] {
+        let out = c.tb.ns_output(&c.tb.nodes[i].netns, &["cat", path])?;
+        let got = String::from_utf8_lossy(&out.stdout).trim().to_string();
+        if got != want {
+            bail!("{name}: {path} is {got:?}, not {want}");
+        }
+    }
+    println!("  {name}: udp data plane, agent ready with only NET_ADMIN + NET_RAW (CapEff {caps}), /proc/sys read-only; proxy_arp 1 and proxy_delay 0 on mesh0 set through netlink");
     add_pod(c, i)?;
     mesh_testbed::checks::wait_for_routes(&c.tb, Duration::from_secs(20))?;
     pings_all(c)

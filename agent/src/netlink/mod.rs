@@ -7,11 +7,16 @@ pub mod netns;
 use std::net::{IpAddr, Ipv4Addr};
 use std::path::Path;
 
-use futures::TryStreamExt;
+use futures::{StreamExt, TryStreamExt};
+use netlink_packet_core::{NetlinkMessage, NetlinkPayload, NLM_F_ACK, NLM_F_REQUEST};
 use netlink_packet_route::address::{AddressAttribute, AddressMessage};
+use netlink_packet_route::link::{AfSpecInet, AfSpecUnspec, InetDevConf};
 use netlink_packet_route::link::{InfoKind, LinkAttribute, LinkFlags, LinkInfo, LinkMessage};
+use netlink_packet_route::neighbour_table::{
+    NeighbourTableAttribute, NeighbourTableMessage, NeighbourTableParameter,
+};
 use netlink_packet_route::route::{RouteAddress, RouteAttribute, RouteMessage};
-use netlink_packet_route::AddressFamily;
+use netlink_packet_route::{AddressFamily, RouteNetlinkMessage};
 use rtnetlink::{Handle, RouteMessageBuilder};
 
 #[derive(Debug, thiserror::Error)]
@@ -393,5 +398,58 @@ impl Netlink {
             .map_err(NetlinkError::request(format!(
                 "add route {dst}/{prefix} via {gateway}"
             )))
+    }
+
+    /// Turns on `net.ipv4.conf.DEV.proxy_arp` through netlink (RTM_SETLINK, IFLA_INET_CONF).
+    /// Unlike writing /proc/sys — mounted read-only in unprivileged containers — this needs
+    /// only CAP_NET_ADMIN.
+    pub async fn enable_proxy_arp(&self, index: u32) -> Result<(), NetlinkError> {
+        let mut conf = InetDevConf::default();
+        conf.proxy_arp = 1;
+        let mut msg = rtnetlink::LinkUnspec::new_with_index(index).build();
+        msg.attributes
+            .push(LinkAttribute::AfSpecUnspec(vec![AfSpecUnspec::Inet(vec![
+                AfSpecInet::DevConfRequest(conf),
+            ])]));
+        self.handle
+            .link()
+            .set(msg)
+            .execute()
+            .await
+            .map_err(NetlinkError::request(format!(
+                "enable proxy_arp on link {index}"
+            )))
+    }
+
+    /// Sets `net.ipv4.neigh.DEV.proxy_delay` (milliseconds) through netlink
+    /// (RTM_SETNEIGHTBL on `arp_cache`), for the same reason as `enable_proxy_arp`.
+    pub async fn set_arp_proxy_delay(&self, index: u32, millis: u64) -> Result<(), NetlinkError> {
+        let mut table = NeighbourTableMessage::default();
+        table.header.family = AddressFamily::Inet;
+        table.attributes = vec![
+            NeighbourTableAttribute::Name("arp_cache".into()),
+            NeighbourTableAttribute::Parms(vec![
+                NeighbourTableParameter::Ifindex(index),
+                NeighbourTableParameter::ProxyDelay(millis),
+            ]),
+        ];
+        let mut req = NetlinkMessage::from(RouteNetlinkMessage::SetNeighbourTable(table));
+        req.header.flags = NLM_F_REQUEST | NLM_F_ACK;
+        let what = || format!("set proxy_delay on link {index}");
+        let mut answers = self
+            .handle
+            .clone()
+            .request(req)
+            .map_err(NetlinkError::request(what()))?;
+        while let Some(m) = answers.next().await {
+            if let NetlinkPayload::Error(e) = m.payload {
+                if e.code.is_some() {
+                    return Err(NetlinkError::request(what())(
+                        rtnetlink::Error::NetlinkError(e),
+                    ));
+                }
+            }
+        }
+        Ok(())
     }
 }

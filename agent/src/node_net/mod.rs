@@ -22,8 +22,19 @@ pub const DEFAULT_BRIDGE: &str = "mesh0";
 const RECONCILE_EVERY: Duration = Duration::from_secs(1);
 
 /// Turns on IPv4 forwarding in this network namespace (pods reach other nodes through it).
+/// Written only if it is off: in an unprivileged container /proc/sys is read-only, and
+/// Kubernetes nodes have it on already (kubeadm's preflight requires it).
 pub fn enable_forwarding() -> std::io::Result<()> {
-    std::fs::write("/proc/sys/net/ipv4/ip_forward", b"1")
+    const PATH: &str = "/proc/sys/net/ipv4/ip_forward";
+    if std::fs::read_to_string(PATH)?.trim() == "1" {
+        return Ok(());
+    }
+    std::fs::write(PATH, b"1").map_err(|e| {
+        std::io::Error::new(
+            e.kind(),
+            format!("{e} (set net.ipv4.ip_forward=1 on the node, e.g. in /etc/sysctl.d)"),
+        )
+    })
 }
 
 /// Runs the reconcile loop until `shutdown` flips. `gateway` carries the gateway (with
@@ -51,7 +62,7 @@ pub async fn run(
             last_problem = problem.clone();
         }
         if problem.is_none() {
-            proxy_arp(&spec.name);
+            proxy_arp(&nl, &spec.name).await;
         }
         let ready = problem.is_none() && spec.gateway.is_some();
         status.send_replace(NodeNetworkStatus {
@@ -76,20 +87,35 @@ pub async fn run(
 
 /// Pods hold the whole range on-link (`/12`), so they ARP for remote pods on the
 /// bridge; the node answers for addresses it routes elsewhere (proxy ARP), at once rather
-/// than after the default random 0-0.8 s proxy delay.
-fn proxy_arp(bridge: &str) {
-    for (path, value) in [
-        (format!("/proc/sys/net/ipv4/conf/{bridge}/proxy_arp"), "1"),
-        (
-            format!("/proc/sys/net/ipv4/neigh/{bridge}/proxy_delay"),
-            "0",
-        ),
-    ] {
-        let current = std::fs::read_to_string(&path).unwrap_or_default();
-        if current.trim() != value {
-            if let Err(e) = std::fs::write(&path, value) {
-                warn!(path = %path, error = %e, "cannot set a bridge sysctl");
-            }
+/// than after the default random 0-0.8 s proxy delay. Read from /proc/sys, set through
+/// netlink: that needs only CAP_NET_ADMIN, where /proc/sys is read-only in a container.
+async fn proxy_arp(nl: &Netlink, bridge: &str) {
+    let is =
+        |path: String, value: &str| std::fs::read_to_string(path).is_ok_and(|v| v.trim() == value);
+    let arp_on = is(format!("/proc/sys/net/ipv4/conf/{bridge}/proxy_arp"), "1");
+    let no_delay = is(
+        format!("/proc/sys/net/ipv4/neigh/{bridge}/proxy_delay"),
+        "0",
+    );
+    if arp_on && no_delay {
+        return;
+    }
+    let index = match nl.link_by_name(bridge).await {
+        Ok(Some(l)) => l.index,
+        Ok(None) => return, // the next reconcile recreates it
+        Err(e) => {
+            warn!(bridge = %bridge, error = %e, "cannot look up the bridge for proxy ARP");
+            return;
+        }
+    };
+    if !arp_on {
+        if let Err(e) = nl.enable_proxy_arp(index).await {
+            warn!(bridge = %bridge, error = %e, "cannot enable proxy ARP: pods will not reach other nodes");
+        }
+    }
+    if !no_delay {
+        if let Err(e) = nl.set_arp_proxy_delay(index, 0).await {
+            warn!(bridge = %bridge, error = %e, "cannot zero the proxy ARP delay: first packets to other nodes wait up to 0.8 s");
         }
     }
 }
