@@ -490,7 +490,16 @@ fn node_added_later_joins(c: &mut Ctx) -> Result<()> {
             bail!("{name}: {path} is {got:?}, not {want}");
         }
     }
-    println!("  {name}: udp data plane, agent ready with only NET_ADMIN + NET_RAW (CapEff {caps}), /proc/sys read-only; proxy_arp 1 and proxy_delay 0 on mesh0 set through netlink");
+    // And IPv6 kept off its tunnel device without /proc/sys: no IPv6 address on it.
+    let out = c.tb.ns_output(
+        &c.tb.nodes[i].netns,
+        &["ip", "-6", "-o", "addr", "show", "dev", "mesh-tun"],
+    )?;
+    let v6 = String::from_utf8_lossy(&out.stdout).trim().to_string();
+    if !out.status.success() || !v6.is_empty() {
+        bail!("{name}: mesh-tun has IPv6 addresses (or none could be listed): {v6:?}");
+    }
+    println!("  {name}: udp data plane, agent ready with only NET_ADMIN + NET_RAW (CapEff {caps}), /proc/sys read-only; proxy_arp 1 and proxy_delay 0 on mesh0 and no IPv6 on mesh-tun, all through netlink");
     add_pod(c, i)?;
     mesh_testbed::checks::wait_for_routes(&c.tb, Duration::from_secs(20))?;
     pings_all(c)

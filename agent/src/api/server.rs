@@ -21,6 +21,7 @@ use mesh_proto::api::{
 };
 
 use crate::ipam::allocations::AttachmentKey;
+use crate::ipam::core::ReclaimMode;
 use crate::ipam::service::ApiFailure;
 use tokio::sync::{mpsc, oneshot};
 
@@ -186,10 +187,14 @@ async fn reclaim_peer(
     UrlPath(name): UrlPath<String>,
     Query(q): Query<ReclaimQuery>,
 ) -> Response {
-    let force = q.force.unwrap_or(false);
+    let mode = if q.force.unwrap_or(false) {
+        ReclaimMode::Forced
+    } else {
+        ReclaimMode::Coordinated
+    };
     match ask(
         &s,
-        |reply| ApiRequest::Reclaim { name, force, reply },
+        |reply| ApiRequest::Reclaim { name, mode, reply },
         ALLOCATION_TIMEOUT,
     )
     .await

@@ -18,7 +18,7 @@ use tokio::sync::oneshot;
 use super::allocations::{Allocation, AttachmentKey};
 use super::core::{
     gateway_key, AllocateError, IpamConfig, IpamCore, IpamEvent, IpamInput, IpamOutput, PeerInfo,
-    ReclaimStart,
+    ReclaimMode, ReclaimStart,
 };
 use crate::api::metrics::{EventLabel, KindLabel, Metrics};
 use crate::store::{Store, StoreError};
@@ -301,10 +301,10 @@ impl IpamService {
         &mut self,
         now: Instant,
         name: String,
-        force: bool,
+        mode: ReclaimMode,
         reply: ReclaimReply,
     ) -> Result<Sends, StoreError> {
-        let (result, out) = self.core.reclaim(now, &name, force);
+        let (result, out) = self.core.reclaim(now, &name, mode);
         // Commit first: the operator is told only what is on disk.
         let (sends, _) = self.carry_out(out)?;
         match result {

@@ -150,7 +150,8 @@ pub async fn claim_first_split(
 pub const LAST_RECLAIM_ANNOTATION: &str = "mesh.dev/last-reclaim";
 
 /// Fences a reclaim: records on the Lease, as read in `lease` (which must show us as the
-/// holder), that `me` reclaims `peer` now. `Ok(None)` if anyone wrote the Lease since —
+/// holder), that `me` reclaims `peer` now, renewing it in the same write (so nobody can
+/// take it for a whole duration from here). `Ok(None)` if anyone wrote the Lease since —
 /// perhaps a new holder — in which case the caller must not reclaim.
 pub async fn record_reclaim(
     api: &Api<Lease>,
@@ -169,6 +170,8 @@ pub async fn record_reclaim(
             LAST_RECLAIM_ANNOTATION.into(),
             format!("{peer} by {me} at {}", Timestamp::now()),
         );
+    let spec = next.spec.get_or_insert_with(Default::default);
+    spec.renew_time = Some(MicroTime(Timestamp::now()));
     write(api.replace(LEASE_NAME, &PostParams::default(), &next).await)
 }
 

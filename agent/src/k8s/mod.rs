@@ -26,6 +26,7 @@ use mesh_proto::api::KubeStatus;
 use tokio::sync::{mpsc, oneshot, watch};
 use tracing::{info, warn, Instrument};
 
+use crate::ipam::core::ReclaimMode;
 use crate::mesh::driver::ApiRequest;
 use reclaim::{PeerSpace, Reclaimer};
 use topology::{NodeBook, NodeEvent, NodeFacts};
@@ -386,51 +387,53 @@ impl Integration {
             |n| book.contains(n),
             &peers,
         );
-        let mut lease = current.clone();
-        for name in due {
-            self.reclaimer.asked(&name, now);
-            // Fencing: the reclaim is written on the Lease with a resourceVersion check
-            // first, so a holder that lost the Lease a moment ago cannot act on stale
-            // leadership. It then reclaims with `force`: the Lease makes this node the single
-            // writer, which lets it decide even when the gone peer owns every anchor (the
-            // first splitter does) or the other anchor owners are down.
-            match lease::record_reclaim(&self.leases, &lease, &self.opts.node_name, &name).await {
-                Ok(Some(next)) => lease = next,
-                Ok(None) => {
-                    info!(peer = %name, "the Lease changed under us; not reclaiming this round");
-                    return;
-                }
-                Err(e) => {
-                    let text = format!(
-                        "recording the reclaim of {name} on the Lease: {}",
-                        describe(&e)
-                    );
-                    warn!(error = %text, "cannot fence the reclaim; will retry");
-                    self.status.send_modify(|s| s.last_error = Some(text));
-                    return;
-                }
+        // One reclaim per round (every 2 s): each is fenced by its own fresh Lease write,
+        // and no reclaim runs long after the write that allowed it.
+        let Some(name) = due.into_iter().next() else {
+            return;
+        };
+        self.reclaimer.asked(&name, now);
+        // Fencing: the reclaim is first written on the Lease (renewing it) with a
+        // resourceVersion check, so a holder that lost the Lease cannot act on stale
+        // leadership, and nobody can take it over for a whole duration from here. As the
+        // sole writer, this node may then decide alone for a peer that owns every reclaim
+        // anchor (the first splitter does); any other peer goes through its coordinator.
+        match lease::record_reclaim(&self.leases, current, &self.opts.node_name, &name).await {
+            Ok(Some(_)) => {}
+            Ok(None) => {
+                info!(peer = %name, "the Lease changed under us; not reclaiming this round");
+                return;
             }
-            let answer = ask(&self.driver, |reply| ApiRequest::Reclaim {
-                name: name.clone(),
-                force: true,
-                reply,
-            })
-            .await;
-            match answer {
-                Some(Ok(r)) => {
-                    info!(peer = %name, result = %r.message, "reclaimed the address space of a deleted Node");
-                    let line = format!("{name} (Node deleted): {}", r.message);
-                    self.status.send_modify(|s| {
-                        s.reclaims.push(line);
-                        let excess = s.reclaims.len().saturating_sub(10);
-                        s.reclaims.drain(..excess);
-                    });
-                }
-                Some(Err(f)) => {
-                    warn!(peer = %name, reason = %f.message, "reclaim of a deleted Node's space refused; will retry");
-                }
-                None => warn!(peer = %name, "reclaim got no answer from the agent; will retry"),
+            Err(e) => {
+                let text = format!(
+                    "recording the reclaim of {name} on the Lease: {}",
+                    describe(&e)
+                );
+                warn!(error = %text, "cannot fence the reclaim; will retry");
+                self.status.send_modify(|s| s.last_error = Some(text));
+                return;
             }
+        }
+        let answer = ask(&self.driver, |reply| ApiRequest::Reclaim {
+            name: name.clone(),
+            mode: ReclaimMode::SoleWriter,
+            reply,
+        })
+        .await;
+        match answer {
+            Some(Ok(r)) => {
+                info!(peer = %name, result = %r.message, "reclaimed the address space of a deleted Node");
+                let line = format!("{name} (Node deleted): {}", r.message);
+                self.status.send_modify(|s| {
+                    s.reclaims.push(line);
+                    let excess = s.reclaims.len().saturating_sub(10);
+                    s.reclaims.drain(..excess);
+                });
+            }
+            Some(Err(f)) => {
+                warn!(peer = %name, reason = %f.message, "reclaim of a deleted Node's space refused; will retry");
+            }
+            None => warn!(peer = %name, "reclaim got no answer from the agent; will retry"),
         }
     }
 

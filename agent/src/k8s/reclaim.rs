@@ -5,9 +5,11 @@
 //! A peer's space is reclaimed when (1) the Node list is complete and has no Node of that
 //! name, (2) the mesh sees the peer `dead` or `left` (or no longer knows it), (3) it still
 //! owns space, and (4) all of that has held for `GRACE`. Exactly one reclaim results even
-//! if two nodes act at once: only the Lease holder asks, right after a resourceVersion-
-//! checked write of the Lease (a holder that lost it cannot act: its write fails), and IPAM
-//! refuses a second reclaim of a peer that owns nothing (`ipam/core/reclaim.rs`).
+//! if two nodes act at once: only the Lease holder asks, one peer per round, right after a
+//! resourceVersion-checked write that renews the Lease (a holder that lost it cannot act:
+//! its write fails); IPAM's reclaim coordinator refuses a second reclaim of a peer that owns
+//! nothing, and the holder decides alone only for a peer that owns every reclaim anchor
+//! (`ipam/core/reclaim.rs`).
 
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};

@@ -54,7 +54,7 @@ pub enum ApiRequest {
     /// `meshctl rmpeer NAME`, or the Kubernetes leader reclaiming a deleted Node's space.
     Reclaim {
         name: String,
-        force: bool,
+        mode: crate::ipam::core::ReclaimMode,
         reply: ReclaimReply,
     },
     /// The peer targets derived from Node objects (`--kube`), replacing the previous set.

@@ -10,7 +10,9 @@ use std::path::Path;
 use futures::{StreamExt, TryStreamExt};
 use netlink_packet_core::{NetlinkMessage, NetlinkPayload, NLM_F_ACK, NLM_F_REQUEST};
 use netlink_packet_route::address::{AddressAttribute, AddressMessage};
-use netlink_packet_route::link::{AfSpecInet, AfSpecUnspec, InetDevConf};
+use netlink_packet_route::link::{
+    AfSpecInet, AfSpecInet6, AfSpecUnspec, In6AddrGenMode, InetDevConf,
+};
 use netlink_packet_route::link::{InfoKind, LinkAttribute, LinkFlags, LinkInfo, LinkMessage};
 use netlink_packet_route::neighbour_table::{
     NeighbourTableAttribute, NeighbourTableMessage, NeighbourTableParameter,
@@ -222,8 +224,12 @@ impl Netlink {
         }
     }
 
-    /// IPv4 addresses on a link, with their prefix lengths.
-    pub async fn addresses_v4(&self, index: u32) -> Result<Vec<(Ipv4Addr, u8)>, NetlinkError> {
+    /// The address messages of one family on a link.
+    async fn addresses(
+        &self,
+        index: u32,
+        family: AddressFamily,
+    ) -> Result<Vec<AddressMessage>, NetlinkError> {
         let msgs: Vec<AddressMessage> = self
             .handle
             .address()
@@ -234,8 +240,16 @@ impl Netlink {
             .await
             .map_err(NetlinkError::request("list addresses"))?;
         Ok(msgs
+            .into_iter()
+            .filter(|m| m.header.family == family && m.header.index == index)
+            .collect())
+    }
+
+    /// IPv4 addresses on a link, with their prefix lengths.
+    pub async fn addresses_v4(&self, index: u32) -> Result<Vec<(Ipv4Addr, u8)>, NetlinkError> {
+        let msgs = self.addresses(index, AddressFamily::Inet).await?;
+        Ok(msgs
             .iter()
-            .filter(|m| m.header.family == AddressFamily::Inet && m.header.index == index)
             .filter_map(|m| {
                 m.attributes.iter().find_map(|a| match a {
                     AddressAttribute::Local(IpAddr::V4(ip)) => Some((*ip, m.header.prefix_len)),
@@ -406,19 +420,51 @@ impl Netlink {
     pub async fn enable_proxy_arp(&self, index: u32) -> Result<(), NetlinkError> {
         let mut conf = InetDevConf::default();
         conf.proxy_arp = 1;
+        let spec = AfSpecUnspec::Inet(vec![AfSpecInet::DevConfRequest(conf)]);
+        self.set_af_spec(index, spec, "enable proxy_arp").await
+    }
+
+    /// RTM_SETLINK with one IFLA_AF_SPEC entry (per-family device settings).
+    async fn set_af_spec(
+        &self,
+        index: u32,
+        spec: AfSpecUnspec,
+        what: &str,
+    ) -> Result<(), NetlinkError> {
         let mut msg = rtnetlink::LinkUnspec::new_with_index(index).build();
-        msg.attributes
-            .push(LinkAttribute::AfSpecUnspec(vec![AfSpecUnspec::Inet(vec![
-                AfSpecInet::DevConfRequest(conf),
-            ])]));
+        msg.attributes.push(LinkAttribute::AfSpecUnspec(vec![spec]));
         self.handle
             .link()
             .set(msg)
             .execute()
             .await
-            .map_err(NetlinkError::request(format!(
-                "enable proxy_arp on link {index}"
-            )))
+            .map_err(NetlinkError::request(format!("{what} on link {index}")))
+    }
+
+    /// Keeps the kernel from sending IPv6 (router solicitations, MLD reports) on a tunnel
+    /// device: pods are IPv4 and no FDB entry matches those packets (they show as TX drops).
+    /// `disable_ipv6` through /proc/sys where it is writable; in a container, where it is
+    /// not, no IPv6 address at all: addr_gen_mode `none` through netlink (needs only
+    /// CAP_NET_ADMIN), and any IPv6 address already made removed.
+    pub async fn quiet_ipv6(&self, name: &str, index: u32) -> Result<(), NetlinkError> {
+        let sysctl = format!("/proc/sys/net/ipv6/conf/{name}/disable_ipv6");
+        if std::fs::write(&sysctl, "1").is_ok() {
+            return Ok(());
+        }
+        let spec = AfSpecUnspec::Inet6(vec![AfSpecInet6::AddrGenMode(In6AddrGenMode::None)]);
+        self.set_af_spec(index, spec, "set addr_gen_mode none")
+            .await?;
+        for a in self.addresses(index, AddressFamily::Inet6).await? {
+            self.handle
+                .address()
+                .del(a)
+                .execute()
+                .await
+                .map_err(NetlinkError::request(format!(
+                    "remove an IPv6 address of {name}"
+                )))?;
+        }
+        Ok(())
     }
 
     /// Sets `net.ipv4.neigh.DEV.proxy_delay` (milliseconds) through netlink

@@ -202,11 +202,9 @@ async fn start(nl: &Netlink, cfg: &UdpConfig, metrics: &Metrics) -> Result<Forwa
             return Err(e);
         }
     };
-    // Pods are IPv4; keep the kernel from sending IPv6 router solicitations into the tunnel.
-    let _ = std::fs::write(
-        format!("/proc/sys/net/ipv6/conf/{DEVICE}/disable_ipv6"),
-        "1",
-    );
+    if let Err(e) = nl.quiet_ipv6(DEVICE, index).await {
+        warn!(device = DEVICE, error = %e, "cannot keep IPv6 off the tunnel (harmless: stray packets counted as drops)");
+    }
     info!(
         device = DEVICE,
         queues = threads.len() / 2,

@@ -79,12 +79,9 @@ pub async fn ensure_device(nl: &Netlink, cfg: &VxlanConfig) -> Result<u32, Vxlan
             let link = nl.link_by_name(DEVICE).await?.ok_or_else(|| {
                 VxlanError::Refused(format!("{DEVICE} vanished right after it was created"))
             })?;
-            // Pods are IPv4: without this the kernel sends IPv6 router solicitations and MLD
-            // reports into the tunnel, which no FDB entry matches (they show as TX drops).
-            let _ = std::fs::write(
-                format!("/proc/sys/net/ipv6/conf/{DEVICE}/disable_ipv6"),
-                "1",
-            );
+            if let Err(e) = nl.quiet_ipv6(DEVICE, link.index).await {
+                warn!(device = DEVICE, error = %e, "cannot keep IPv6 off the tunnel (harmless: stray packets counted as drops)");
+            }
             Ok(link.index)
         }
         Some(l) if l.kind.as_deref() != Some("vxlan") => Err(VxlanError::Refused(format!(

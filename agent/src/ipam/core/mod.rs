@@ -30,7 +30,7 @@ mod space;
 mod types;
 
 use first_split::seed_hash;
-pub use reclaim::ReclaimStart;
+pub use reclaim::{ReclaimMode, ReclaimStart};
 pub use types::{
     AllocateError, InitMode, IpamConfig, IpamEvent, IpamInput, IpamOutput, IpamWrite, PeerInfo,
     Restored,

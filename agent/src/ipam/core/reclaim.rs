@@ -9,11 +9,12 @@
 //! coordinator, which finds X owning nothing and refuses it. Two owners cannot result.
 //!
 //! A peer can own every anchor: the only node of a one-node cluster, or the node that made
-//! an elected first split (`--kube`), keeps them until it is reclaimed. Nobody else can
-//! coordinate its reclaim, so a writer that is single by other means decides it itself:
-//! with `force` (the operator asserting the others are gone — the Kubernetes Lease holder
-//! asks that way too, fenced by its Lease write just before), when no anchor owner other
-//! than the dead peer is up, the asking node is the coordinator.
+//! an elected first split (`--kube`), keeps them until it is reclaimed. Nobody can
+//! coordinate its reclaim, so a writer that is single by other means decides it itself, on
+//! its own ring only (never for a remote request): the Kubernetes Lease holder
+//! (`ReclaimMode::SoleWriter`, fenced by its Lease write just before), or an operator with
+//! `--force` on one node. With `--kube` every anchor stays with one peer (the splitter,
+//! then whoever reclaimed it), so every other peer's reclaim goes through the coordinator.
 
 use std::time::{Duration, Instant};
 
@@ -24,6 +25,19 @@ use super::{IpamCore, IpamEvent, IpamOutput, IpamWrite};
 use crate::ipam::block::Block;
 
 const RECLAIM_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Who asks for a reclaim, which decides what it may do when the coordinator is missing.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ReclaimMode {
+    /// `meshctl rmpeer`: the anchor coordinator decides.
+    Coordinated,
+    /// `meshctl rmpeer --force`: anchor owners this node sees down are skipped (the
+    /// operator asserts they are gone); for a peer owning every anchor, this node decides.
+    Forced,
+    /// The Kubernetes Lease holder: like `Coordinated` (it never skips owners it merely
+    /// sees down), but for a peer owning every anchor it decides itself.
+    SoleWriter,
+}
 
 pub(super) struct PendingReclaim {
     pub id: u64,
@@ -38,6 +52,19 @@ pub enum ReclaimStart {
     Done { addresses: u64 },
     /// Asked the coordinator; the answer comes as an event with this id.
     Asked { id: u64, coordinator: PeerId },
+}
+
+fn total_size(entries: &[RingEntry]) -> u64 {
+    entries
+        .iter()
+        .map(|e| {
+            Block {
+                start: e.start,
+                prefix: e.prefix,
+            }
+            .size()
+        })
+        .sum()
 }
 
 impl IpamCore {
@@ -56,18 +83,19 @@ impl IpamCore {
 
     /// Who decides reclaims of `dead`, as this node sees the ring. With `force`, anchor
     /// owners this node believes down are skipped too: the operator asserts they are gone
-    /// (the escape from two dead peers being each other's coordinator), and if that leaves
-    /// nobody — `dead` owned every anchor, or all other owners are down — this node decides.
+    /// (the escape from two dead peers being each other's coordinator).
     pub fn coordinator_for(&self, dead: PeerId, force: bool) -> Option<PeerId> {
-        let found = self
-            .anchors()
+        self.anchors()
             .iter()
             .filter_map(|a| self.ring.owner_of(*a).map(|(_, o)| o.owner))
-            .find(|o| *o != dead && *o != NOBODY && (!force || *o == self.me || self.is_up(*o)));
-        match found {
-            None if force => Some(self.me),
-            other => other,
-        }
+            .find(|o| *o != dead && *o != NOBODY && (!force || *o == self.me || self.is_up(*o)))
+    }
+
+    /// `dead` owns every anchor in this node's ring (none unowned, none anyone else's).
+    fn owns_every_anchor(&self, dead: PeerId) -> bool {
+        self.anchors()
+            .iter()
+            .all(|a| self.ring.owner_of(*a).is_some_and(|(_, o)| o.owner == dead))
     }
 
     fn find_peer(&self, name: &str) -> Option<PeerId> {
@@ -82,14 +110,15 @@ impl IpamCore {
             })
     }
 
-    /// `meshctl rmpeer [--force] NAME` on this node: move NAME's blocks here.
+    /// `meshctl rmpeer [--force] NAME` on this node (or the Lease holder's reclaim of a
+    /// deleted Node): move NAME's blocks here.
     pub fn reclaim(
         &mut self,
         now: Instant,
         name: &str,
-        force: bool,
+        mode: ReclaimMode,
     ) -> (Result<ReclaimStart, String>, Vec<IpamOutput>) {
-        let result = self.reclaim_inner(now, name, force);
+        let result = self.reclaim_inner(now, name, mode);
         (result, std::mem::take(&mut self.out))
     }
 
@@ -97,8 +126,9 @@ impl IpamCore {
         &mut self,
         now: Instant,
         name: &str,
-        force: bool,
+        mode: ReclaimMode,
     ) -> Result<ReclaimStart, String> {
+        let force = mode == ReclaimMode::Forced;
         let dead = self
             .find_peer(name)
             .ok_or_else(|| format!("no peer named {name:?} is known to this node"))?;
@@ -110,12 +140,30 @@ impl IpamCore {
                 "{name} owns no address space: it was already reclaimed (or never had any)"
             ));
         }
-        let coordinator = self.coordinator_for(dead, force).ok_or_else(|| {
-            format!(
-                "{name} owns every anchor of the range (it made the first split, or was alone), so no peer \
-                 coordinates its reclaim: if it is gone for good run 'meshctl rmpeer --force {name}' on one node"
-            )
-        })?;
+        let coordinator = match self.coordinator_for(dead, force) {
+            Some(c) => c,
+            None if mode != ReclaimMode::Coordinated && self.owns_every_anchor(dead) => {
+                if self.is_up(dead) {
+                    return Err(format!("{name} is alive as far as this node can tell; rmpeer is for peers that are gone for good"));
+                }
+                let entries = self.decide_alone(dead)?;
+                return Ok(ReclaimStart::Done {
+                    addresses: total_size(&entries),
+                });
+            }
+            None if self.owns_every_anchor(dead) => {
+                return Err(format!(
+                    "{name} owns every anchor of the range (it made the first split, or was alone), so no peer \
+                     coordinates its reclaim: if it is gone for good run 'meshctl rmpeer --force {name}' on one node"
+                ))
+            }
+            None => {
+                return Err(format!(
+                    "no live peer this node knows owns a reclaim anchor that {name} does not own (this node's ring \
+                     may be incomplete); retry once the ring has settled"
+                ))
+            }
+        };
         if coordinator != self.me && !self.is_up(coordinator) {
             let who = self.name_of(coordinator);
             return Err(format!(
@@ -125,17 +173,9 @@ impl IpamCore {
         }
         if coordinator == self.me {
             let entries = self.decide(self.me, dead, force)?;
-            let addresses = entries
-                .iter()
-                .map(|e| {
-                    Block {
-                        start: e.start,
-                        prefix: e.prefix,
-                    }
-                    .size()
-                })
-                .sum();
-            return Ok(ReclaimStart::Done { addresses });
+            return Ok(ReclaimStart::Done {
+                addresses: total_size(&entries),
+            });
         }
         if self.is_up(dead) {
             return Err(format!("{name} is alive as far as this node can tell; rmpeer is for peers that are gone for good"));
@@ -153,6 +193,22 @@ impl IpamCore {
 
     /// The coordinator's decision: moves `dead`'s blocks to `to`, stores and floods it.
     fn decide(&mut self, to: PeerId, dead: PeerId, force: bool) -> Result<Vec<RingEntry>, String> {
+        self.move_blocks(to, dead, Some(force))
+    }
+
+    /// A sole writer's decision for a peer that owns every anchor (checked by the caller):
+    /// its blocks move here, with no coordinator.
+    fn decide_alone(&mut self, dead: PeerId) -> Result<Vec<RingEntry>, String> {
+        self.move_blocks(self.me, dead, None)
+    }
+
+    /// `as_coordinator`: `Some(force)` checks that this node coordinates `dead`'s reclaim.
+    fn move_blocks(
+        &mut self,
+        to: PeerId,
+        dead: PeerId,
+        as_coordinator: Option<bool>,
+    ) -> Result<Vec<RingEntry>, String> {
         let dead_name = self.name_of(dead);
         // First: a peer that owns nothing was already reclaimed (perhaps a moment ago, which
         // can also have moved the coordinator role along with an anchor block).
@@ -167,8 +223,10 @@ impl IpamCore {
                 "{dead_name} owns no address space: it was already reclaimed"
             ));
         }
-        if self.coordinator_for(dead, force) != Some(self.me) {
-            return Err(format!("this node is not the reclaim coordinator for {dead_name}; retry once the ring has settled"));
+        if let Some(force) = as_coordinator {
+            if self.coordinator_for(dead, force) != Some(self.me) {
+                return Err(format!("this node is not the reclaim coordinator for {dead_name}; retry once the ring has settled"));
+            }
         }
         if self.is_up(dead) {
             return Err(format!("{dead_name} is alive as far as the coordinator can tell; rmpeer is for peers that are gone for good"));
@@ -332,26 +390,29 @@ mod tests {
                 neighbours: vec![],
             },
         );
-        let (r, _) = b.reclaim(t0, "a", false);
+        let (r, _) = b.reclaim(t0, "a", ReclaimMode::Coordinated);
         let err = r.unwrap_err();
         assert!(err.contains("--force"), "{err}");
-        let (r, out) = b.reclaim(t0, "a", true);
+        // The Lease holder never skips a coordinator it merely sees down.
+        let (r, _) = b.reclaim(t0, "a", ReclaimMode::SoleWriter);
+        assert!(r.unwrap_err().contains("down"));
+        let (r, out) = b.reclaim(t0, "a", ReclaimMode::Forced);
         assert!(matches!(r, Ok(ReclaimStart::Done { .. })), "{r:?}");
         assert!(
             matches!(out.first(), Some(IpamOutput::Persist(_))),
             "the decision is stored first"
         );
         assert!(b.ring().blocks_of(PeerId(1)).is_empty());
-        let (r, _) = b.reclaim(t0, "a", true);
+        let (r, _) = b.reclaim(t0, "a", ReclaimMode::Forced);
         assert!(r.unwrap_err().contains("already reclaimed"));
     }
 
     /// The elected first splitter (`--kube`) owns every anchor, so no other peer can
-    /// coordinate its reclaim. Without `force` that is refused with the way out; with it
-    /// (the operator, or the Lease holder) the asking node decides, stores first, and a
-    /// second reclaim finds nothing left.
+    /// coordinate its reclaim. A plain rmpeer is refused with the way out; the Lease holder
+    /// (or `--force`) decides on its own ring, stores first, and a second reclaim finds
+    /// nothing left. A remote request never makes a node decide alone.
     #[test]
-    fn a_peer_owning_every_anchor_is_reclaimed_by_the_forcing_node() {
+    fn a_peer_owning_every_anchor_is_reclaimed_by_the_sole_writer() {
         let t0 = Instant::now();
         let range: Block = "10.32.0.0/24".parse().unwrap();
         let mut a = IpamCore::new(
@@ -411,13 +472,35 @@ mod tests {
                 neighbours: vec![],
             },
         );
-        let (r, _) = b.reclaim(t0, "a", false);
+        let (r, _) = b.reclaim(t0, "a", ReclaimMode::Coordinated);
         let err = r.unwrap_err();
         assert!(
             err.contains("every anchor") && err.contains("--force"),
             "{err}"
         );
-        let (r, out) = b.reclaim(t0, "a", true);
+        let out = b.handle(
+            t0,
+            IpamInput::Message {
+                from: PeerId(3),
+                msg: IpamMessage::ReclaimRequest {
+                    id: 1,
+                    dead: PeerId(1),
+                    force: true,
+                },
+            },
+        );
+        assert!(
+            out.iter().any(|o| matches!(
+                o,
+                IpamOutput::Send {
+                    msg: IpamMessage::ReclaimRefused { .. },
+                    ..
+                }
+            )),
+            "a forced remote request is refused by a node that coordinates nothing: {out:?}"
+        );
+        assert!(b.ring().blocks_of(PeerId(3)).is_empty());
+        let (r, out) = b.reclaim(t0, "a", ReclaimMode::SoleWriter);
         assert_eq!(
             r,
             Ok(ReclaimStart::Done {
@@ -429,7 +512,7 @@ mod tests {
             "the decision is stored first: {out:?}"
         );
         assert!(b.ring().blocks_of(PeerId(1)).is_empty());
-        let (r, _) = b.reclaim(t0, "a", true);
+        let (r, _) = b.reclaim(t0, "a", ReclaimMode::Forced);
         assert!(r.unwrap_err().contains("already reclaimed"));
     }
 }

@@ -121,8 +121,8 @@ impl Driver {
             ApiRequest::IpamStatus(reply) => {
                 let _ = reply.send(self.ipam.status());
             }
-            ApiRequest::Reclaim { name, force, reply } => {
-                let result = self.ipam.reclaim(now, name, force, reply);
+            ApiRequest::Reclaim { name, mode, reply } => {
+                let result = self.ipam.reclaim(now, name, mode, reply);
                 self.after_ipam(result, now);
             }
         }
