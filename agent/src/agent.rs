@@ -2,6 +2,7 @@
 //! TLS, QUIC endpoint, driver, local API, metrics) and tears them down on a signal.
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use anyhow::{Context, Result};
 use mesh_proto::peer::Capabilities;
@@ -241,6 +242,7 @@ pub async fn run(cfg: AgentConfig) -> Result<()> {
     };
 
     let (api_tx, api_rx) = mpsc::channel(64);
+    let mut kube_task = None;
     let driver = if cfg.kube {
         let opts = crate::k8s::KubeOptions {
             kubeconfig: cfg.kubeconfig.clone(),
@@ -252,7 +254,9 @@ pub async fn run(cfg: AgentConfig) -> Result<()> {
             backend: backend.map(|b| b.name().to_string()),
             elected_split: true,
         };
-        driver.with_kube(crate::k8s::start(opts, api_tx.clone(), shutdown_rx.clone()))
+        let kube = crate::k8s::start(opts, api_tx.clone(), shutdown_rx.clone());
+        kube_task = Some(kube.task);
+        driver.with_kube(kube.status)
     } else {
         driver
     };
@@ -285,6 +289,10 @@ pub async fn run(cfg: AgentConfig) -> Result<()> {
         let _ = shutdown_tx.send(true);
     });
     let outcome = driver.run(api_rx, shutdown_rx).await;
+    if let Some(task) = kube_task {
+        // It hands the Lease back if it holds it; the apiserver may be gone, so not long.
+        let _ = tokio::time::timeout(Duration::from_secs(3), task).await;
+    }
     let _ = std::fs::remove_file(&cfg.socket);
     outcome.map_err(|e| anyhow::anyhow!("mesh-agent stopped: {e}"))?;
     info!("mesh-agent stopped");

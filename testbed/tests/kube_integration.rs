@@ -79,6 +79,10 @@ fn main() {
             deleted_leader_reclaimed_once,
         ),
         (
+            "a leader stopped gracefully hands the Lease over at once",
+            graceful_leader_hands_over,
+        ),
+        (
             "the data plane outlives the apiserver",
             data_plane_outlives_apiserver,
         ),
@@ -559,6 +563,39 @@ fn deleted_leader_reclaimed_once(c: &mut Ctx) -> Result<()> {
     }
     println!("  Lease now held by {new_holder}; it records: {fence}");
     Ok(())
+}
+
+fn graceful_leader_hands_over(c: &mut Ctx) -> Result<()> {
+    // A rolling update restarts the leader's pod: SIGTERM, and the Lease is handed back
+    // (client-go's ReleaseOnCancel) instead of expiring after its 15 s.
+    let holder = lease_holder(c)?;
+    let i = node_index(c, &holder).context("the Lease holder is not a live node")?;
+    let stopped = Instant::now();
+    c.tb.stop_agent(i)?;
+    let stop_took = stopped.elapsed();
+    let next = wait_for(
+        Duration::from_secs(8),
+        "another node holding the Lease",
+        || {
+            let h = lease_holder(c)?;
+            Ok((h != holder && node_index(c, &h).is_some()).then_some(h))
+        },
+    )?;
+    println!(
+        "  {holder} stopped (SIGTERM, exited in {stop_took:.1?}) -> {next} holds the Lease {:.1?} after the signal",
+        stopped.elapsed()
+    );
+    if !log_has(c, i, "handed the mesh Lease back on shutdown") {
+        bail!("{holder}'s log does not say it handed the Lease back");
+    }
+    c.tb.start_agent(i)?;
+    c.tb.wait_ready(i, Duration::from_secs(30))?;
+    mesh_testbed::checks::wait_for_routes(&c.tb, Duration::from_secs(20))?;
+    pings_all(c)
+}
+
+fn log_has(c: &Ctx, i: usize, needle: &str) -> bool {
+    std::fs::read_to_string(&c.tb.nodes[i].log).is_ok_and(|l| l.contains(needle))
 }
 
 /// Stops node `gone`'s agent, deletes its Node, and checks that its space is reclaimed in

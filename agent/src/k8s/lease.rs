@@ -175,6 +175,24 @@ pub async fn record_reclaim(
     write(api.replace(LEASE_NAME, &PostParams::default(), &next).await)
 }
 
+/// Gives the Lease up if `me` holds it (an empty holder and a 1 s duration, as client-go
+/// does), so the next round of any other agent takes it. `Ok(false)` if we did not hold it
+/// or someone wrote first.
+pub async fn release(api: &Api<Lease>, me: &str) -> Result<bool, kube::Error> {
+    let Some(current) = api.get_opt(LEASE_NAME).await? else {
+        return Ok(false);
+    };
+    if holder(&current) != Some(me) {
+        return Ok(false);
+    }
+    let mut next = current;
+    let spec = next.spec.get_or_insert_with(Default::default);
+    spec.holder_identity = None;
+    spec.lease_duration_seconds = Some(1);
+    spec.renew_time = Some(MicroTime(Timestamp::now()));
+    Ok(write(api.replace(LEASE_NAME, &PostParams::default(), &next).await)?.is_some())
+}
+
 pub fn first_split_by(lease: &Lease) -> Option<&str> {
     lease
         .metadata

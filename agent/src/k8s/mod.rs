@@ -51,19 +51,26 @@ pub struct KubeOptions {
     pub elected_split: bool,
 }
 
-/// Starts the integration; its state is readable through the returned receiver.
+/// The running integration: its state, and its task (which, on shutdown, hands the Lease
+/// back if it holds it — worth waiting for, briefly).
+pub struct Running {
+    pub status: watch::Receiver<KubeStatus>,
+    pub task: tokio::task::JoinHandle<()>,
+}
+
+/// Starts the integration.
 pub fn start(
     opts: KubeOptions,
     driver: mpsc::Sender<ApiRequest>,
     shutdown: watch::Receiver<bool>,
-) -> watch::Receiver<KubeStatus> {
-    let (status_tx, status_rx) = watch::channel(KubeStatus {
+) -> Running {
+    let (status_tx, status) = watch::channel(KubeStatus {
         api: "connecting".into(),
         ..KubeStatus::default()
     });
     let span = tracing::info_span!("kube", node = %opts.node_name);
-    tokio::spawn(run(opts, driver, status_tx, shutdown).instrument(span));
-    status_rx
+    let task = tokio::spawn(run(opts, driver, status_tx, shutdown).instrument(span));
+    Running { status, task }
 }
 
 /// Backoff for reconnecting and for failed writes: 1 s doubling to 30 s.
@@ -229,6 +236,17 @@ async fn run(
             },
             _ = tick.tick() => k.on_tick().await,
             _ = shutdown.changed() => break,
+        }
+    }
+    if k.leading_since.is_some() {
+        // Like client-go's ReleaseOnCancel: another agent takes over on its next round
+        // instead of waiting out the Lease duration (a rolling update restarts every pod).
+        match lease::release(&k.leases, &k.opts.node_name).await {
+            Ok(true) => info!("handed the mesh Lease back on shutdown"),
+            Ok(false) => {}
+            Err(e) => {
+                warn!(error = %describe(&e), "could not hand the mesh Lease back; it expires on its own")
+            }
         }
     }
 }
