@@ -107,7 +107,10 @@ fn kube(k: Option<&mesh_proto::api::KubeStatus>) -> String {
     if let Some(r) = k.reclaims.last() {
         out.push_str(&format!("; last reclaim: {r}"));
     }
-    if let Some(e) = &k.last_error {
+    if !k.errors.is_empty() {
+        let all: Vec<String> = k.errors.values().cloned().collect();
+        out.push_str(&format!("; API ERROR: {}", all.join("; ")));
+    } else if let Some(e) = &k.last_error {
         out.push_str(&format!("; API ERROR: {e}"));
     }
     out

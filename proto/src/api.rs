@@ -61,8 +61,12 @@ pub struct KubeStatus {
     pub network_unavailable: Option<String>,
     /// Reclaims of deleted Nodes' space made by this node, newest last.
     pub reclaims: Vec<String>,
-    /// The last API error, if the last call failed.
+    /// The newest of `errors`, if any.
     pub last_error: Option<String>,
+    /// What currently fails, by area (`connect`, `watch`, `node`, `lease`): each entry
+    /// stays until a call of that area succeeds, so one failing call cannot hide another.
+    #[serde(default)]
+    pub errors: std::collections::BTreeMap<String, String>,
 }
 
 /// The node side of the pod network (`mesh0`).

@@ -95,6 +95,28 @@ async fn connect(opts: &KubeOptions) -> anyhow::Result<Client> {
     Client::try_from(config).context("cannot build a Kubernetes client")
 }
 
+/// Sets (or with `None` clears) what fails in one area. `last_error` is the newest error;
+/// when that one clears, another still failing area's (if any).
+fn record_error(status: &watch::Sender<KubeStatus>, area: &str, error: Option<String>) {
+    status.send_if_modified(|s| match error {
+        Some(text) => {
+            let changed = s.errors.get(area) != Some(&text) || s.last_error.as_ref() != Some(&text);
+            s.errors.insert(area.to_string(), text.clone());
+            s.last_error = Some(text);
+            changed
+        }
+        None => {
+            let Some(old) = s.errors.remove(area) else {
+                return false;
+            };
+            if s.last_error.as_ref() == Some(&old) {
+                s.last_error = s.errors.values().next_back().cloned();
+            }
+            true
+        }
+    });
+}
+
 /// An API error in words an operator can act on.
 pub fn describe(e: &kube::Error) -> String {
     match e {
@@ -190,10 +212,8 @@ async fn run(
             Err(e) => {
                 let text = format!("{e:#}");
                 warn!(error = %text, "cannot connect to the Kubernetes API; the mesh runs on without it and retries");
-                status.send_modify(|s| {
-                    s.api = "not connected".into();
-                    s.last_error = Some(text);
-                });
+                status.send_modify(|s| s.api = "not connected".into());
+                record_error(&status, "connect", Some(text));
                 failures += 1;
                 tokio::select! {
                     _ = tokio::time::sleep(backoff(failures)) => {}
@@ -203,6 +223,7 @@ async fn run(
         }
     };
     status.send_modify(|s| s.api = "listing nodes".into());
+    record_error(&status, "connect", None);
     let mut k = Integration {
         nodes: Api::all(client.clone()),
         leases: Api::namespaced(client, &opts.namespace),
@@ -230,7 +251,7 @@ async fn run(
                 Some(Err(e)) => {
                     let text = describe_watch(&e);
                     warn!(error = %text, "Node watch failed; retrying with backoff (the mesh keeps its current peers)");
-                    k.status.send_modify(|s| s.last_error = Some(text));
+                    record_error(&k.status, "watch", Some(text));
                 }
                 None => break,
             },
@@ -285,9 +306,11 @@ impl Integration {
             s.peer_targets = targets;
             if synced {
                 s.api = "watching nodes".into();
-                s.last_error = None;
             }
         });
+        if synced {
+            record_error(&self.status, "watch", None);
+        }
     }
 
     async fn on_tick(&mut self) {
@@ -317,11 +340,12 @@ impl Integration {
             Ok(()) => {
                 let value = self.own_node.condition.clone();
                 self.status.send_modify(|s| s.network_unavailable = value);
+                record_error(&self.status, "node", None);
             }
             Err(e) => {
                 let text = format!("updating Node {}: {}", self.opts.node_name, describe(&e));
                 warn!(error = %text, "cannot update this node's Node object; retrying");
-                self.status.send_modify(|s| s.last_error = Some(text));
+                record_error(&self.status, "node", Some(text));
             }
         }
     }
@@ -331,6 +355,7 @@ impl Integration {
         match lease::round(&self.leases, &mut self.observer, &me).await {
             Ok(current) => {
                 self.lease_failures = 0;
+                record_error(&self.status, "lease", None);
                 self.next_lease_round = Instant::now() + lease::RETRY;
                 let Some(current) = current else {
                     return; // lost a race; look again next round
@@ -363,10 +388,8 @@ impl Integration {
                 );
                 warn!(error = %text, "leader election failed; retrying with backoff");
                 self.leading_since = None;
-                self.status.send_modify(|s| {
-                    s.is_leader = false;
-                    s.last_error = Some(text);
-                });
+                self.status.send_modify(|s| s.is_leader = false);
+                record_error(&self.status, "lease", Some(text));
             }
         }
     }
@@ -428,7 +451,7 @@ impl Integration {
                     describe(&e)
                 );
                 warn!(error = %text, "cannot fence the reclaim; will retry");
-                self.status.send_modify(|s| s.last_error = Some(text));
+                record_error(&self.status, "lease", Some(text));
                 return;
             }
         }
@@ -500,6 +523,23 @@ impl Integration {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A failing Lease round and a failing Node watch are both shown; each clears only
+    /// when its own area works again.
+    #[test]
+    fn errors_of_different_areas_do_not_hide_each_other() {
+        let (tx, rx) = watch::channel(KubeStatus::default());
+        record_error(&tx, "watch", Some("watch down".into()));
+        record_error(&tx, "lease", Some("lease down".into()));
+        assert_eq!(rx.borrow().errors.len(), 2);
+        assert_eq!(rx.borrow().last_error.as_deref(), Some("lease down"));
+        record_error(&tx, "lease", None);
+        assert_eq!(rx.borrow().last_error.as_deref(), Some("watch down"));
+        assert_eq!(rx.borrow().errors.keys().collect::<Vec<_>>(), ["watch"]);
+        record_error(&tx, "node", None); // nothing to clear
+        record_error(&tx, "watch", None);
+        assert!(rx.borrow().errors.is_empty() && rx.borrow().last_error.is_none());
+    }
 
     #[test]
     fn an_unreachable_apiserver_is_described_with_its_cause() {
