@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
-# A real Kubernetes API server for mesh's tests, built from Debian's own `kubernetes` source
-# package (no registry this project can use ships an apiserver binary).
+# Real Kubernetes 1.20.2 binaries for mesh's tests and testbed cluster, built from Debian's own
+# `kubernetes` source package (no registry this project can use ships them): kube-apiserver,
+# kube-controller-manager, kube-scheduler, kubelet, kube-proxy, plus Debian's kubectl 1.20.2.
 #
-#   scripts/kube-apiserver.sh build            # once: ~5 min cold on 2 cores, then instant
+#   scripts/kube-apiserver.sh build            # once: ~6-7 min cold on 2 cores, then instant
 #   scripts/kube-apiserver.sh start DIR [PORT [ADDRESS]]  # etcd + kube-apiserver; DIR/kubeconfig
 #   scripts/kube-apiserver.sh run DIR [PORT [ADDRESS]]    # the same in the foreground (tests)
 #   scripts/kube-apiserver.sh stop DIR          # stops what `start DIR` started (by PID)
@@ -11,7 +12,7 @@
 #
 # build: installs golang-go/etcd/rsync/make/jq, adds a deb-src entry *only for the duration of
 # the download* (the file is removed again, also on failure), unpacks kubernetes 1.20.2 (the
-# whole upstream tree with vendor/) and runs upstream's `make WHAT=cmd/kube-apiserver` offline
+# whole upstream tree with vendor/) and runs upstream's `make WHAT="cmd/kube-apiserver …"` offline
 # (GOPROXY=off, GOPATH mode as debian/rules does). Binaries are cached outside the work tree in
 # $MESH_KUBE_CACHE (default /var/cache/mesh-kube), so later runs reuse them; the source tree
 # and Go cache are deleted after a successful build (2.5 GB + 1.1 GB).
@@ -27,7 +28,8 @@ CACHE=${MESH_KUBE_CACHE:-/var/cache/mesh-kube}
 VERSION=1.20.2
 BIN=$CACHE/bin
 # What the cached binaries are; a cache without this stamp (or another one) is rebuilt.
-STAMP="kube-apiserver v$VERSION + reflect2 1.0.2 + json-iterator 1.1.12"
+COMPONENTS="kube-apiserver kube-controller-manager kube-scheduler kubelet kube-proxy"
+STAMP="$COMPONENTS v$VERSION + reflect2 1.0.2 + json-iterator 1.1.12"
 SRC_LIST=/etc/apt/sources.list.d/mesh-kube-deb-src.sources
 
 die() { echo "kube-apiserver.sh: $*" >&2; exit 1; }
@@ -62,9 +64,12 @@ remove_deb_src() {
 
 cmd_build() {
   need_root build
-  if [ -x "$BIN/kube-apiserver" ] && [ -x "$BIN/kubectl" ] \
-     && [ "$(cat "$BIN/BUILD" 2>/dev/null)" = "$STAMP" ]; then
-    echo "kube-apiserver v$VERSION cached in $BIN"
+  local c go_cached=1 pause_cached=0
+  for c in $COMPONENTS kubectl; do [ -x "$BIN/$c" ] || go_cached=0; done
+  [ "$(cat "$BIN/BUILD" 2>/dev/null)" = "$STAMP" ] || go_cached=0
+  [ -x "$BIN/pause" ] && pause_cached=1
+  if [ $go_cached = 1 ] && [ $pause_cached = 1 ]; then
+    echo "Kubernetes v$VERSION ($COMPONENTS, kubectl, pause) cached in $BIN"
     return
   fi
   install_packages
@@ -92,21 +97,36 @@ EOF
   tree=$(find "$work" -maxdepth 1 -type d -name 'kubernetes-*' | head -n1)
   [ -n "$tree" ] || die "no kubernetes-* tree in $orig"
 
+  # The sandbox ("pause") image's binary, from the same tree (build/pause/linux/pause.c), static
+  # like upstream's; scripts/build-image.sh wraps it as k8s.gcr.io/pause:3.2.
+  if [ $pause_cached = 0 ]; then
+    gcc -Os -static -s -DVERSION=3.2-mesh -o "$BIN/pause" "$tree/build/pause/linux/pause.c" \
+      || die "building pause from $tree/build/pause/linux/pause.c failed (needs gcc + libc6-dev)"
+  fi
+  if [ $go_cached = 1 ]; then
+    rm -rf "$work"
+    echo "pause built; Kubernetes v$VERSION was already cached in $BIN"
+    return
+  fi
+
   # Kubernetes 1.20 vendors reflect2 1.0.1 / json-iterator 1.1.10, which crash under Go >= 1.18
   # (nil dereference in reflect2.Type2 while decoding maps: kubectl apply fails with
   # INTERNAL_ERROR at random). Upstream fixed it by moving to reflect2 1.0.2 + json-iterator
   # 1.1.12; take exactly those from Debian's packages.
   rsync -a --delete /usr/share/gocode/src/github.com/modern-go/reflect2/ "$tree/vendor/github.com/modern-go/reflect2/"
   rsync -a --delete /usr/share/gocode/src/github.com/json-iterator/go/ "$tree/vendor/github.com/json-iterator/go/"
-  echo "building kube-apiserver v$VERSION from $(basename "$orig") (cold: ~5-7 min on 2 cores)"
+  local what=""
+  for c in $COMPONENTS; do what="$what cmd/$c"; done
+  echo "building $COMPONENTS v$VERSION from $(basename "$orig") (cold: ~6-7 min on 2 cores)"
   (
     cd "$tree"
+    # CGO off: static binaries, and kubelet/kube-proxy need nothing from the host's libc.
     export GOPATH=$PWD/.go GOPROXY=off GOFLAGS= GOCACHE=$work/gocache CGO_ENABLED=0 HOME=$work/gohome
     mkdir -p "$HOME"
-    make WHAT=cmd/kube-apiserver KUBE_GIT_VERSION=v$VERSION GOLDFLAGS="-s -w" >"$work/make.log" 2>&1 \
+    make WHAT="${what# }" KUBE_GIT_VERSION=v$VERSION GOLDFLAGS="-s -w" >"$work/make.log" 2>&1 \
       || { tail -n 40 "$work/make.log" >&2; exit 1; }
-  ) || die "make WHAT=cmd/kube-apiserver failed (log: $work/make.log)"
-  install -m 0755 "$tree/_output/bin/kube-apiserver" "$BIN/kube-apiserver"
+  ) || die "make WHAT=\"$what\" failed (log: $work/make.log)"
+  for c in $COMPONENTS; do install -m 0755 "$tree/_output/bin/$c" "$BIN/$c"; done
 
   # kubectl of the same version: Debian's binary package (kubectl only), unpacked, not installed
   # (it would clash with another kubectl in /usr/bin).

@@ -5,7 +5,7 @@
 //! exit-code line. Its agents die with it; its namespaces vanish with its mount namespace.
 
 use std::io::{BufRead, BufReader, Write};
-use std::os::unix::net::UnixListener;
+use std::os::unix::net::{UnixListener, UnixStream};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
@@ -82,7 +82,45 @@ pub fn run(name: &str, nodes: usize, pods: usize, backend: Backend) -> Result<()
     checks::wait_for_routes(&tb, Duration::from_secs(120))?;
     progress(5, 5, "every node routes every other node's pods", started)?;
     layout::save(name, &tb)?;
-    let socket = dir.join(SOCKET);
+    let listener = announce_ready(name)?;
+    serve(name, &mut tb, listener, pods, backend);
+    tb.down();
+    Ok(())
+}
+
+fn serve(name: &str, tb: &mut Testbed, listener: UnixListener, pods: usize, backend: Backend) {
+    serve_requests(listener, |words, stream| {
+        Some(match words.first().copied() {
+            Some("check") => checks::connectivity(tb, stream),
+            Some("chaos") => {
+                let cfg = ChaosConfig {
+                    new_node_dataplane: backend.dataplane(tb.nodes.len()).into(),
+                    pods_per_node: pods,
+                };
+                let r = chaos::run_all(tb, &cfg, stream);
+                if let Err(e) = layout::save(name, tb) {
+                    eprintln!("cannot save the layout: {e:#}");
+                }
+                r
+            }
+            Some("bench") => {
+                let secs = words.get(1).and_then(|s| s.parse().ok()).unwrap_or(5);
+                bench(tb, secs, stream)
+            }
+            Some("down") => {
+                let _ = writeln!(stream, "tearing down testbed {name:?}");
+                let _ = writeln!(stream, "{EXIT}0");
+                return None;
+            }
+            other => Err(anyhow::anyhow!("unknown request {other:?}")),
+        })
+    });
+}
+
+/// Binds the root-only control socket, then tells `up` the testbed is ready; from then on
+/// stdout goes to the log like stderr (`up` stops reading).
+pub fn announce_ready(name: &str) -> Result<UnixListener> {
+    let socket = state_dir(name).join(SOCKET);
     let _ = std::fs::remove_file(&socket);
     let listener =
         UnixListener::bind(&socket).with_context(|| format!("bind {}", socket.display()))?;
@@ -91,14 +129,17 @@ pub fn run(name: &str, nodes: usize, pods: usize, backend: Backend) -> Result<()
     writeln!(out, "{READY}")
         .and_then(|()| out.flush())
         .context("`mesh-testbed up` went away before the testbed was ready")?;
-    // `up` stops reading now: from here on stdout goes to the log, like stderr.
     nix::unistd::dup2_stdout(std::io::stderr()).context("redirect stdout")?;
-    serve(name, &mut tb, listener, pods, backend);
-    tb.down();
-    Ok(())
+    Ok(listener)
 }
 
-fn serve(name: &str, tb: &mut Testbed, listener: UnixListener, pods: usize, backend: Backend) {
+/// Serves one request at a time: `handle` gets the request's words and the connection, and
+/// answers Some(outcome) — written back as an exit-code line (0 true, 1 false, 2 error) — or
+/// None to stop serving (it wrote its own last line).
+pub fn serve_requests(
+    listener: UnixListener,
+    mut handle: impl FnMut(&[&str], &mut UnixStream) -> Option<Result<bool>>,
+) {
     for conn in listener.incoming() {
         let Ok(mut stream) = conn else { continue };
         let mut line = String::new();
@@ -107,29 +148,8 @@ fn serve(name: &str, tb: &mut Testbed, listener: UnixListener, pods: usize, back
         }
         eprintln!("request: {}", line.trim());
         let words: Vec<&str> = line.split_whitespace().collect();
-        let outcome: Result<bool> = match words.first().copied() {
-            Some("check") => checks::connectivity(tb, &mut stream),
-            Some("chaos") => {
-                let cfg = ChaosConfig {
-                    new_node_dataplane: backend.dataplane(tb.nodes.len()).into(),
-                    pods_per_node: pods,
-                };
-                let r = chaos::run_all(tb, &cfg, &mut stream);
-                if let Err(e) = layout::save(name, tb) {
-                    eprintln!("cannot save the layout: {e:#}");
-                }
-                r
-            }
-            Some("bench") => {
-                let secs = words.get(1).and_then(|s| s.parse().ok()).unwrap_or(5);
-                bench(tb, secs, &mut stream)
-            }
-            Some("down") => {
-                let _ = writeln!(stream, "tearing down testbed {name:?}");
-                let _ = writeln!(stream, "{EXIT}0");
-                return;
-            }
-            other => Err(anyhow::anyhow!("unknown request {other:?}")),
+        let Some(outcome) = handle(&words, &mut stream) else {
+            return;
         };
         let code = match outcome {
             Ok(true) => 0,

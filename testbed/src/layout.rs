@@ -18,6 +18,10 @@ pub struct PodInfo {
 }
 
 pub struct Layout {
+    /// A Kubernetes testbed (`up --kubernetes`).
+    pub kubernetes: bool,
+    pub kubeconfig: String,
+    pub control_plane_netns: String,
     pub nodes: Vec<NodeInfo>,
     pub pods: Vec<PodInfo>,
     pub agent_pids: Vec<i32>,
@@ -72,6 +76,9 @@ impl Layout {
         let s = |v: &Value, k: &str| v[k].as_str().unwrap_or_default().to_string();
         let list = |k: &str| v[k].as_array().cloned().unwrap_or_default();
         Ok(Layout {
+            kubernetes: v["kind"] == "kubernetes",
+            kubeconfig: s(&v, "kubeconfig"),
+            control_plane_netns: s(&v, "control_plane_netns"),
             nodes: list("nodes")
                 .iter()
                 .map(|n| NodeInfo {

@@ -10,6 +10,7 @@
 pub mod bed;
 pub mod chaos;
 pub mod checks;
+pub mod cluster;
 pub mod cni;
 pub mod gate;
 pub mod kube;

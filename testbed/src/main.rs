@@ -10,6 +10,7 @@
 //! live in its private mount namespace).
 
 mod keeper;
+mod keeper_kube;
 mod layout;
 
 use std::io::{BufRead, BufReader, Write};
@@ -60,13 +61,26 @@ impl Backend {
 #[derive(Subcommand)]
 enum Cmd {
     /// Build the underlay, start N nodes with M pods each, wait until the mesh is ready.
+    /// With --kubernetes: a control-plane node and N worker nodes running Kubernetes 1.20.2,
+    /// mesh installed with `kubectl apply -k deploy/`.
     Up {
-        #[arg(long, default_value_t = 3)]
-        nodes: usize,
+        /// Nodes (default 3); with --kubernetes, worker nodes besides the control plane
+        /// (default 2).
+        #[arg(long)]
+        nodes: Option<usize>,
         #[arg(long, default_value_t = 2)]
         pods: usize,
         #[arg(long, value_enum, default_value = "vxlan")]
         backend: Backend,
+        /// A real Kubernetes cluster (kubelet, containerd, kube-proxy per node) with mesh as
+        /// its DaemonSet; needs `scripts/kube-apiserver.sh build` and `scripts/build-image.sh`.
+        #[arg(long)]
+        kubernetes: bool,
+    },
+    /// kubectl with the Kubernetes testbed's admin kubeconfig: `kubectl -- get pods -A`.
+    Kubectl {
+        #[arg(last = true, required = true)]
+        args: Vec<String>,
     },
     /// `meshctl status` of every node side by side, or one node's in full.
     Status {
@@ -99,6 +113,8 @@ enum Cmd {
         pods: usize,
         #[arg(long, value_enum)]
         backend: Backend,
+        #[arg(long)]
+        kubernetes: bool,
     },
 }
 
@@ -136,12 +152,27 @@ fn run(cli: Cli) -> Result<ExitCode> {
             nodes,
             pods,
             backend,
+            kubernetes: false,
         } => keeper::run(&name, nodes, pods, backend).map(|()| ExitCode::SUCCESS),
+        Cmd::Keep {
+            nodes,
+            backend,
+            kubernetes: true,
+            ..
+        } => keeper_kube::run(&name, nodes, kube_dataplane(backend)?).map(|()| ExitCode::SUCCESS),
         Cmd::Up {
             nodes,
             pods,
             backend,
-        } => up(&name, nodes, pods, backend),
+            kubernetes,
+        } => {
+            let nodes = nodes.unwrap_or(if kubernetes { 2 } else { 3 });
+            if kubernetes {
+                kube_dataplane(backend)?;
+            }
+            up(&name, nodes, pods, backend, kubernetes)
+        }
+        Cmd::Kubectl { args } => kubectl(&name, &args),
         Cmd::Exec { target, command } => exec(&name, &target, &command),
         Cmd::Status { node } => status(&name, node.as_deref()),
         Cmd::Check => request(&name, "check"),
@@ -163,9 +194,35 @@ fn keeper_pid(name: &str) -> Option<i32> {
     (cmdline.contains("mesh-testbed") && cmdline.contains("keep")).then_some(pid)
 }
 
-fn up(name: &str, nodes: usize, pods: usize, backend: Backend) -> Result<ExitCode> {
+/// The DaemonSet's `MESH_DATAPLANE` for `--backend` (None: deploy/ as it is, `auto`).
+fn kube_dataplane(backend: Backend) -> Result<Option<String>> {
+    match backend {
+        Backend::Auto => Ok(None),
+        Backend::Vxlan | Backend::Udp => Ok(Some(backend_arg(backend).into())),
+        Backend::Mixed => bail!(
+            "--backend mixed is not available with --kubernetes yet (the DaemonSet sets one MESH_DATAPLANE for every node)"
+        ),
+    }
+}
+
+fn up(
+    name: &str,
+    nodes: usize,
+    pods: usize,
+    backend: Backend,
+    kubernetes: bool,
+) -> Result<ExitCode> {
+    if kubernetes && !(1..=10).contains(&nodes) {
+        bail!("--nodes (workers) must be 1 to 10 with --kubernetes: each node runs containerd, kubelet and kube-proxy");
+    }
     if !(1..=100).contains(&nodes) || pods > 50 {
         bail!("--nodes must be 1 to 100 and --pods at most 50");
+    }
+    if kubernetes {
+        let opts = mesh_testbed::cluster::ClusterOptions::from_repo(nodes, None)?;
+        if let Some(why) = mesh_testbed::cluster::missing(&opts) {
+            bail!("{why}");
+        }
     }
     let missing: Vec<&str> = ["ip", "iptables", "iptables-restore", "ping"]
         .into_iter()
@@ -178,7 +235,9 @@ fn up(name: &str, nodes: usize, pods: usize, backend: Backend) -> Result<ExitCod
         );
     }
     mesh_testbed::bed::bin_dir()?;
-    warn_about_neighbour_table(nodes, pods);
+    if !kubernetes {
+        warn_about_neighbour_table(nodes, pods);
+    }
     let dir = state_dir(name);
     if let Some(pid) = keeper_pid(name) {
         bail!("testbed {name:?} is already up (keeper pid {pid}); `mesh-testbed --name {name} down` first, or pick another --name");
@@ -197,6 +256,7 @@ fn up(name: &str, nodes: usize, pods: usize, backend: Backend) -> Result<ExitCod
     cmd.args(["--name", name, "keep"])
         .args(["--nodes", &nodes.to_string(), "--pods", &pods.to_string()])
         .args(["--backend", backend_arg(backend)])
+        .args(kubernetes.then_some("--kubernetes"))
         .stdin(std::process::Stdio::null())
         .stdout(std::process::Stdio::piped())
         .stderr(log);
@@ -225,13 +285,31 @@ fn up(name: &str, nodes: usize, pods: usize, backend: Backend) -> Result<ExitCod
         let status = child.wait()?;
         let log = std::fs::read_to_string(dir.join("keeper.log")).unwrap_or_default();
         let tail: Vec<&str> = log.lines().rev().take(15).collect();
+        let kept = std::env::temp_dir().join(format!("mesh-testbed-{name}-failed.log"));
+        let _ = std::fs::write(&kept, &log);
         let _ = std::fs::remove_dir_all(&dir);
         bail!(
-            "the testbed did not come up ({status}); the keeper's last words:\n{}",
-            tail.into_iter().rev().collect::<Vec<_>>().join("\n")
+            "the testbed did not come up ({status}); the keeper's last words:\n{}\n(the whole log: {})",
+            tail.into_iter().rev().collect::<Vec<_>>().join("\n"),
+            kept.display()
         );
     }
     let l = layout::Layout::load(name)?;
+    if l.kubernetes {
+        println!(
+            "\nKubernetes testbed {name:?} is up in {:.1?}: {} nodes ({}), mesh installed by kubectl apply -k deploy/",
+            started.elapsed(),
+            l.nodes.len(),
+            l.nodes.iter().map(|n| n.name.as_str()).collect::<Vec<_>>().join(" ")
+        );
+        println!(
+            "  logs:         {}/<node>/{{kubelet,containerd,kube-proxy,kube-apiserver,…}}.log",
+            dir.join("work").display()
+        );
+        println!("  kubectl:      mesh-testbed --name {name} kubectl -- get pods -A -o wide");
+        println!("  next:         mesh-testbed --name {name} status | check | exec cp -- ip route | down");
+        return Ok(ExitCode::SUCCESS);
+    }
     println!(
         "\ntestbed {name:?} is up in {:.1?}: {} nodes ({}), {} pods",
         started.elapsed(),
@@ -337,8 +415,33 @@ fn exec(name: &str, target: &str, command: &[String]) -> Result<ExitCode> {
     Err(err).context("exec ip netns exec")
 }
 
+/// kubectl with the cluster's admin kubeconfig, in the control plane's network namespace
+/// (the apiserver listens on the underlay, which only the testbed's namespaces reach).
+fn kubectl(name: &str, args: &[String]) -> Result<ExitCode> {
+    let l = layout::Layout::load(name)?;
+    if !l.kubernetes {
+        bail!("testbed {name:?} is not a Kubernetes testbed (start one with `mesh-testbed --name {name} up --kubernetes`)");
+    }
+    let pid = keeper_pid(name).with_context(|| format!("testbed {name:?} is not up"))?;
+    let mnt = std::fs::File::open(format!("/proc/{pid}/ns/mnt"))?;
+    nix::sched::setns(&mnt, nix::sched::CloneFlags::CLONE_NEWNS)
+        .context("join the testbed's mount namespace")?;
+    let err = std::os::unix::process::CommandExt::exec(
+        std::process::Command::new("ip")
+            .args(["netns", "exec", &l.control_plane_netns])
+            .arg(mesh_testbed::kube::cache_bin().join("kubectl"))
+            .arg("--kubeconfig")
+            .arg(&l.kubeconfig)
+            .args(args),
+    );
+    Err(err).context("exec kubectl")
+}
+
 fn status(name: &str, node: Option<&str>) -> Result<ExitCode> {
     let l = layout::Layout::load(name)?;
+    if l.kubernetes {
+        return request(name, "status");
+    }
     let meshctl = mesh_testbed::bed::bin_dir()?.join("meshctl");
     if let Some(node) = node {
         let n = l
@@ -470,11 +573,12 @@ fn down(name: &str) -> Result<ExitCode> {
     let _ = request(name, "down");
     let started = Instant::now();
     let gone = |p: i32| !std::path::Path::new(&format!("/proc/{p}")).exists();
-    while !gone(pid) && started.elapsed() < Duration::from_secs(30) {
+    // A Kubernetes testbed stops kubelets and containers node by node: allow it longer.
+    while !gone(pid) && started.elapsed() < Duration::from_secs(120) {
         std::thread::sleep(Duration::from_millis(50));
     }
     if !gone(pid) {
-        eprintln!("the keeper (pid {pid}) did not stop within 30 s; killing it");
+        eprintln!("the keeper (pid {pid}) did not stop within 120 s; killing it");
         let _ = nix::sys::signal::kill(
             nix::unistd::Pid::from_raw(pid),
             nix::sys::signal::Signal::SIGKILL,
