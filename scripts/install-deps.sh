@@ -35,6 +35,15 @@ command -v protoc >/dev/null 2>&1 || need+=(protobuf-compiler)
 command -v tcpdump >/dev/null 2>&1 || need+=(tcpdump)
 # mesh-testbed bench and scripts/bench-dataplane.sh.
 command -v iperf3 >/dev/null 2>&1 || need+=(iperf3)
+# The Kubernetes testbed: kube-proxy needs conntrack; etcd for the control plane;
+# scripts/build-image.sh makes the images with mmdebstrap, umoci, skopeo and a static busybox.
+command -v conntrack >/dev/null 2>&1 || need+=(conntrack)
+command -v etcd >/dev/null 2>&1 || need+=(etcd-server)
+command -v etcdctl >/dev/null 2>&1 || need+=(etcd-client)
+command -v mmdebstrap >/dev/null 2>&1 || need+=(mmdebstrap)
+command -v umoci >/dev/null 2>&1 || need+=(umoci)
+command -v skopeo >/dev/null 2>&1 || need+=(skopeo)
+[ -x /bin/busybox ] && { ldd /bin/busybox 2>&1 || true; } | grep -q 'not a dynamic' || need+=(busybox-static)
 if ((${#need[@]})); then
   if [ "$(id -u)" -ne 0 ]; then
     echo "missing system packages: ${need[*]} (run as root, or: sudo apt-get install -y ${need[*]})" >&2

@@ -364,12 +364,16 @@ fn backend_arg(b: Backend) -> &'static str {
 
 /// Sends one request to the keeper and copies its output; the exit code is the keeper's.
 fn request(name: &str, what: &str) -> Result<ExitCode> {
+    request_code(name, what).map(ExitCode::from)
+}
+
+fn request_code(name: &str, what: &str) -> Result<u8> {
     let path = state_dir(name).join(keeper::SOCKET);
     let mut s = UnixStream::connect(&path).with_context(|| {
         format!("no testbed named {name:?} is up (cannot reach {}); start one with `mesh-testbed --name {name} up`", path.display())
     })?;
     writeln!(s, "{what}")?;
-    let mut code = 1;
+    let mut code: u8 = 1;
     let stdout = std::io::stdout();
     for line in BufReader::new(s).lines() {
         let line = line?;
@@ -381,7 +385,7 @@ fn request(name: &str, what: &str) -> Result<ExitCode> {
         writeln!(o, "{line}")?;
         o.flush()?;
     }
-    Ok(ExitCode::from(code))
+    Ok(code)
 }
 
 fn exec(name: &str, target: &str, command: &[String]) -> Result<ExitCode> {
@@ -569,8 +573,8 @@ fn down(name: &str) -> Result<ExitCode> {
     let agents = layout::Layout::load(name)
         .map(|l| l.agent_pids.clone())
         .unwrap_or_default();
-    // Ask the keeper to tear down; it exits when done.
-    let _ = request(name, "down");
+    // Ask the keeper to tear down; it exits when done (non-zero if it found leftovers).
+    let keeper_code = request_code(name, "down").unwrap_or(1);
     let started = Instant::now();
     let gone = |p: i32| !std::path::Path::new(&format!("/proc/{p}")).exists();
     // A Kubernetes testbed stops kubelets and containers node by node: allow it longer.
@@ -601,6 +605,9 @@ fn down(name: &str) -> Result<ExitCode> {
     std::fs::remove_dir_all(&dir).ok();
     if !left.is_empty() || !gone(pid) {
         bail!("processes still running after down: keeper {pid}, agents {left:?}");
+    }
+    if keeper_code != 0 {
+        bail!("the keeper reported problems tearing down (above)");
     }
     println!(
         "testbed {name:?} is down ({:.1?}): no namespace, link or process of it is left",

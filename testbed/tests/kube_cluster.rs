@@ -477,10 +477,11 @@ fn node_added(x: &mut Ctx) -> Result<()> {
     Ok(())
 }
 
-/// Sum of `needle` in the current logs of every mesh pod.
-fn mesh_log_count(c: &Cluster, needle: &str) -> Result<usize> {
+/// Sum of `needle` in the current logs of every mesh pod not on node `except` (a deleted
+/// node's pod can no longer be read).
+fn mesh_log_count(c: &Cluster, needle: &str, except: &str) -> Result<usize> {
     let mut n = 0;
-    for p in c.mesh_pods()? {
+    for p in c.mesh_pods()?.into_iter().filter(|p| p.node != except) {
         n += c
             .kubectl_ok(&["-n", "mesh-system", "logs", &p.name, "-c", "agent"])?
             .matches(needle)
@@ -499,7 +500,7 @@ fn node_deleted_reclaimed_once(x: &mut Ctx) -> Result<()> {
     // The newest node: not the stream's, not the control plane.
     let gone = x.c.nodes.last().context("no node")?.name.clone();
     let needle = "reclaimed the address space of a deleted Node";
-    let before = mesh_log_count(&x.c, needle)?;
+    let before = mesh_log_count(&x.c, needle, &gone)?;
     let owned_before = owner_addresses(&x.c, &gone)?;
     if owned_before == 0 {
         bail!("{gone} owns no addresses before its deletion: nothing to reclaim");
@@ -521,7 +522,7 @@ fn node_deleted_reclaimed_once(x: &mut Ctx) -> Result<()> {
         Duration::from_secs(90),
         || Ok((owner_addresses(&x.c, &gone)? == 0).then_some(())),
     )?;
-    let reclaims = mesh_log_count(&x.c, needle)? - before;
+    let reclaims = mesh_log_count(&x.c, needle, &gone)? - before;
     if reclaims != 1 {
         bail!("{reclaims} reclaims logged across the agents; exactly one must happen");
     }
