@@ -49,7 +49,15 @@ fn main() -> Result<()> {
 fn bench(c: &mut Cluster, pods: usize, backend: &str) -> Result<()> {
     let mut rows = Vec::new();
     for (what, took) in &c.timings {
-        rows.push(format!("| {what} | {:.1} s |", took.as_secs_f64()));
+        let since = if what.starts_with("kubectl") || what.starts_with("apply") {
+            ""
+        } else {
+            " (since the start)"
+        };
+        rows.push(format!(
+            "| cluster up: {what}{since} | {:.1} s |",
+            took.as_secs_f64()
+        ));
     }
     workloads::deploy(c, 2 * workloads::schedulable_nodes(c).len())?;
     let mesh = startup_latencies(c, "mesh", pods)?;
@@ -137,6 +145,15 @@ fn startup_latencies(c: &Cluster, tag: &str, n: usize) -> Result<Vec<f64>> {
             {
                 if let Some(i) = names.iter().position(|n| *n == p.name) {
                     if done[i].is_none() && p.phase == "Running" && p.ready {
+                        // Which plugin attached it: the reference's range, or mesh's.
+                        let reference = p.ip.is_some_and(|ip| ip.octets()[..2] == [10, 250]);
+                        if reference != (tag == "ref") {
+                            bail!(
+                                "{} got {:?}: not from the {tag} CNI configuration",
+                                p.name,
+                                p.ip
+                            );
+                        }
                         done[i] = Some(t);
                     }
                 }

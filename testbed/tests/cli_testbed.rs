@@ -2,6 +2,8 @@
 //! fails under MESH_E2E=1): for each backend (`vxlan`, `udp`, `mixed`) `up` 3 nodes × 2
 //! pods, `status`, `exec`, `check`, every `chaos` scenario, `down` — then nothing of the
 //! testbed may be left (state directory, keeper, agents), and a second `down` is a no-op.
+//! Then the same for a Kubernetes testbed (`up --kubernetes`, on the `udp` data plane, which
+//! the kube_cluster suite does not cover): `kubectl`, `status`, `check`, `exec`, `down`.
 
 use std::process::{Command, Output};
 use std::time::Instant;
@@ -128,6 +130,67 @@ fn one_backend(backend: &str, name: &str) -> Result<()> {
     Ok(())
 }
 
+fn kubernetes(name: &str) -> Result<()> {
+    let n = ["--name", name];
+    let _ = testbed(&[n[0], n[1], "down"]);
+    let up = ok(&[
+        n[0],
+        n[1],
+        "up",
+        "--kubernetes",
+        "--nodes",
+        "2",
+        "--backend",
+        "udp",
+    ])?;
+    ensure!(up.contains("Kubernetes testbed"), "up:\n{up}");
+    let result = (|| -> Result<()> {
+        let nodes = ok(&[n[0], n[1], "kubectl", "--", "get", "nodes", "--no-headers"])?;
+        let ready = nodes
+            .lines()
+            .filter(|l| l.split_whitespace().nth(1) == Some("Ready"))
+            .count();
+        ensure!(
+            ready == 3,
+            "kubectl get nodes: {ready} of 3 Ready:\n{nodes}"
+        );
+        let status = ok(&[n[0], n[1], "status"])?;
+        ensure!(
+            status.matches("meshctl status").count() == 3 && status.contains("udp"),
+            "status should show meshctl status of 3 agents on udp:\n{status}"
+        );
+        let check = ok(&[n[0], n[1], "check"])?;
+        ensure!(
+            check.contains("all workload checks passed"),
+            "check:\n{check}"
+        );
+        println!("{check}");
+        let links = ok(&[
+            n[0], n[1], "exec", "w1", "--", "ip", "-o", "link", "show", "mesh0",
+        ])?;
+        ensure!(links.contains("mesh0"), "no mesh0 on w1: {links}");
+        let chaos = testbed(&[n[0], n[1], "chaos"])?;
+        ensure!(
+            !chaos.status.success()
+                && text(&chaos).contains("not available on a Kubernetes testbed"),
+            "chaos on a Kubernetes testbed: {}",
+            text(&chaos)
+        );
+        Ok(())
+    })();
+    let down = ok(&[n[0], n[1], "down"]);
+    result?;
+    ensure!(down?.contains("is down"), "down did not finish");
+    ensure!(
+        !std::path::Path::new("/run/mesh-testbed")
+            .join(name)
+            .exists(),
+        "the state directory is still there after down"
+    );
+    ensure!(!keeper_running(name), "the keeper still runs after down");
+    Ok(())
+}
+
 fn main() {
     if !gate::e2e_allowed("mesh-testbed CLI") {
         return;
@@ -143,6 +206,27 @@ fn main() {
             Err(e) => {
                 failed += 1;
                 println!("test mesh-testbed with {backend} ... FAILED\n  {e:#}");
+            }
+        }
+    }
+    let opts = mesh_testbed::cluster::ClusterOptions::from_repo(2, None).expect("options");
+    match mesh_testbed::cluster::missing(&opts) {
+        Some(why) if std::env::var("MESH_E2E").is_ok_and(|v| v == "1") => {
+            failed += 1;
+            println!("test mesh-testbed up --kubernetes ... FAILED\n  MESH_E2E=1 but {why}");
+        }
+        Some(why) => eprintln!("\n## SKIPPED mesh-testbed up --kubernetes: {why}\n"),
+        None => {
+            let started = Instant::now();
+            match kubernetes("ctk") {
+                Ok(()) => println!(
+                    "test mesh-testbed up --kubernetes/kubectl/status/check/exec/down (udp) ... ok ({:.1?})",
+                    started.elapsed()
+                ),
+                Err(e) => {
+                    failed += 1;
+                    println!("test mesh-testbed up --kubernetes ... FAILED\n  {e:#}");
+                }
             }
         }
     }
