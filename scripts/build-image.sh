@@ -49,6 +49,7 @@ SUITE=bookworm
 PACKAGES=iptables
 HOST=$(rustc -vV | sed -n 's/^host: //p')
 REL=target/$HOST/release
+ARCH=$(dpkg --print-architecture)   # the OCI name of this machine's architecture (amd64, arm64)
 
 need=()
 for t in mmdebstrap:mmdebstrap umoci:umoci skopeo:skopeo busybox:busybox-static; do
@@ -107,7 +108,7 @@ oci_archive() {
   done
   for a in "$@"; do args+=(--config.entrypoint "$a"); done
   umoci config --image "$layout:build" "${args[@]}" --config.workingdir / \
-    --os linux --architecture amd64 --author mesh --created "$(date -u +%Y-%m-%dT%H:%M:%SZ)"
+    --os linux --architecture "$ARCH" --author mesh --created "$(date -u +%Y-%m-%dT%H:%M:%SZ)"
   umoci gc --layout "$layout"
   rm -f "$out.tmp"
   skopeo copy --quiet "oci:$layout:build" "oci-archive:$out.tmp:$ref"

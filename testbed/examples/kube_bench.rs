@@ -176,6 +176,9 @@ fn startup_latencies(c: &Cluster, tag: &str, n: usize) -> Result<Vec<f64>> {
 }
 
 fn percentile(v: &[f64], p: f64) -> f64 {
+    if v.is_empty() {
+        return f64::NAN;
+    }
     let mut s = v.to_vec();
     s.sort_by(f64::total_cmp);
     let i = ((p / 100.0) * (s.len() as f64 - 1.0)).round() as usize;

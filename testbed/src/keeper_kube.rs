@@ -8,7 +8,7 @@ use std::time::Instant;
 use anyhow::Result;
 use serde_json::json;
 
-use mesh_testbed::cluster::{workloads, Cluster, ClusterOptions};
+use mesh_testbed::cluster::{self, workloads, Cluster, ClusterOptions};
 use mesh_testbed::privns;
 
 use crate::keeper::{announce_ready, serve_requests, EXIT};
@@ -32,7 +32,7 @@ pub fn run(name: &str, workers: usize, dataplane: Option<String>) -> Result<()> 
         let _ = writeln!(out, "[{step}/5] {what} ({:.1?})", started.elapsed());
         let _ = out.flush();
     };
-    let mut c = Cluster::up(name, Some(dir.join("work")), opts, &mut progress)?;
+    let mut c = Cluster::up(name, Some(cluster::work_dir(name)), opts, &mut progress)?;
     save_layout(name, &c)?;
     let took = workloads::deploy(&c, replicas(workers))?;
     progress(&format!(

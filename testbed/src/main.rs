@@ -242,6 +242,9 @@ fn up(
     if let Some(pid) = keeper_pid(name) {
         bail!("testbed {name:?} is already up (keeper pid {pid}); `mesh-testbed --name {name} down` first, or pick another --name");
     }
+    for what in reap_kubernetes_leftovers(name) {
+        eprintln!("{what}");
+    }
     if dir.exists() {
         eprintln!(
             "cleaning up what an interrupted run of testbed {name:?} left in {}",
@@ -304,7 +307,7 @@ fn up(
         );
         println!(
             "  logs:         {}/<node>/{{kubelet,containerd,kube-proxy,kube-apiserver,…}}.log",
-            dir.join("work").display()
+            mesh_testbed::cluster::work_dir(name).display()
         );
         println!("  kubectl:      mesh-testbed --name {name} kubectl -- get pods -A -o wide");
         println!("  next:         mesh-testbed --name {name} status | check | exec cp -- ip route | down");
@@ -556,9 +559,27 @@ fn status(name: &str, node: Option<&str>) -> Result<ExitCode> {
     })
 }
 
+/// A Kubernetes testbed whose keeper died without tearing down (killed) leaves containers
+/// and their shims running and its nodes' files on disk: kill the former, remove the latter.
+fn reap_kubernetes_leftovers(name: &str) -> Vec<String> {
+    let work = mesh_testbed::cluster::work_dir(name);
+    if !work.exists() {
+        return Vec::new();
+    }
+    let mut done = mesh_testbed::cluster::reap_orphans(&work);
+    match std::fs::remove_dir_all(&work) {
+        Ok(()) => done.push(format!("removed {}", work.display())),
+        Err(e) => done.push(format!("cannot remove {}: {e}", work.display())),
+    }
+    done
+}
+
 fn down(name: &str) -> Result<ExitCode> {
     let dir = state_dir(name);
     let Some(pid) = keeper_pid(name) else {
+        for what in reap_kubernetes_leftovers(name) {
+            println!("{what}");
+        }
         if dir.exists() {
             std::fs::remove_dir_all(&dir)?;
             println!(
@@ -578,11 +599,11 @@ fn down(name: &str) -> Result<ExitCode> {
     let started = Instant::now();
     let gone = |p: i32| !std::path::Path::new(&format!("/proc/{p}")).exists();
     // A Kubernetes testbed stops kubelets and containers node by node: allow it longer.
-    while !gone(pid) && started.elapsed() < Duration::from_secs(120) {
+    while !gone(pid) && started.elapsed() < Duration::from_secs(300) {
         std::thread::sleep(Duration::from_millis(50));
     }
     if !gone(pid) {
-        eprintln!("the keeper (pid {pid}) did not stop within 120 s; killing it");
+        eprintln!("the keeper (pid {pid}) did not stop within 300 s; killing it");
         let _ = nix::sys::signal::kill(
             nix::unistd::Pid::from_raw(pid),
             nix::sys::signal::Signal::SIGKILL,
@@ -601,13 +622,17 @@ fn down(name: &str) -> Result<ExitCode> {
         );
     }
     std::thread::sleep(Duration::from_millis(200));
+    let reaped = reap_kubernetes_leftovers(name);
+    for what in &reaped {
+        println!("{what}");
+    }
     let left: Vec<i32> = agents.into_iter().filter(|p| !gone(*p)).collect();
     std::fs::remove_dir_all(&dir).ok();
     if !left.is_empty() || !gone(pid) {
         bail!("processes still running after down: keeper {pid}, agents {left:?}");
     }
-    if keeper_code != 0 {
-        bail!("the keeper reported problems tearing down (above)");
+    if keeper_code != 0 || !reaped.is_empty() {
+        bail!("the keeper reported problems tearing down, or left containers behind (above)");
     }
     println!(
         "testbed {name:?} is down ({:.1?}): no namespace, link or process of it is left",

@@ -141,6 +141,70 @@ pub fn vtep_mac(peer_id: u64) -> [u8; 6] {
 /// Linux's (and Flannel's) historical VXLAN port, our default (IANA's is 4789).
 pub const DEFAULT_VXLAN_PORT: u16 = 8472;
 
+/// Where a remote node's tunnel ends: what the data plane needs of its record. The driver
+/// keeps these in the store, so a restarted agent programs every block owner at once —
+/// before (and whether or not) the owner is heard from again.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Endpoint {
+    pub name: String,
+    pub underlay: Ipv4Addr,
+    pub port: u16,
+    pub mac: [u8; 6],
+}
+
+/// The endpoints the records of remote nodes name (those on the VXLAN wire that told us
+/// their VTEP MAC and an IPv4 address).
+pub fn endpoints<'a>(
+    me: PeerId,
+    records: impl Iterator<Item = &'a PeerRecord>,
+) -> std::collections::BTreeMap<PeerId, Endpoint> {
+    records
+        .filter(|r| r.id != me)
+        .filter(|r| speaks_vxlan(&r.capabilities))
+        .filter_map(|r| {
+            let mac = r.capabilities.vtep_mac?;
+            let underlay = r.addresses.iter().find_map(|a| match a.ip() {
+                IpAddr::V4(ip) => Some(ip),
+                IpAddr::V6(_) => None,
+            })?;
+            Some((
+                r.id,
+                Endpoint {
+                    name: r.name.clone(),
+                    underlay,
+                    port: r.capabilities.vxlan_port.unwrap_or(DEFAULT_VXLAN_PORT),
+                    mac,
+                },
+            ))
+        })
+        .collect()
+}
+
+/// What to remember after a change of the mesh's view: every live endpoint, plus the
+/// remembered ones of peers that still own blocks but are not in the view at all — not heard
+/// of yet after a restart, or forgotten after a long outage: such a peer keeps its routes
+/// while it owns blocks. A remembered entry is dropped when its peer is in the view (the
+/// view knows better, e.g. it left the VXLAN wire), when it owns nothing, and when a live
+/// peer now has its underlay address (a node rebuilt under a new identity): two entries for
+/// one address would fight over its neighbour entry.
+pub fn remembered_endpoints(
+    remembered: &std::collections::BTreeMap<PeerId, Endpoint>,
+    live: std::collections::BTreeMap<PeerId, Endpoint>,
+    in_view: &std::collections::BTreeSet<PeerId>,
+    ring: &RangeRing,
+) -> std::collections::BTreeMap<PeerId, Endpoint> {
+    let owners: std::collections::BTreeSet<PeerId> = ring.iter().map(|(_, o)| o.owner).collect();
+    let live_addresses: std::collections::BTreeSet<Ipv4Addr> =
+        live.values().map(|e| e.underlay).collect();
+    let mut out = live;
+    for (id, e) in remembered {
+        if owners.contains(id) && !in_view.contains(id) && !live_addresses.contains(&e.underlay) {
+            out.insert(*id, e.clone());
+        }
+    }
+    out
+}
+
 /// One remote node as the data plane needs it.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Remote {
@@ -162,6 +226,10 @@ pub struct Desired {
     pub remotes: Vec<Remote>,
     /// Every node's underlay address (ours included): pod traffic to them is not NATed.
     pub nodes: Vec<Ipv4Addr>,
+    /// Whether entries not in `remotes` may be removed. False after a start until the node
+    /// has heard the mesh (`mesh::driver`): until then the backends adopt what the kernel
+    /// has and only add, so a restart never cuts traffic that was flowing.
+    pub prune: bool,
 }
 
 /// The IPv4 underlay addresses of all known nodes.
@@ -178,38 +246,28 @@ pub fn node_addresses<'a>(records: impl Iterator<Item = &'a PeerRecord>) -> Vec<
     out
 }
 
-/// Remote nodes that run the VXLAN wire, have told us their endpoint, and own blocks.
-pub fn remotes<'a>(
-    me: PeerId,
-    records: impl Iterator<Item = &'a PeerRecord>,
+/// Remote nodes with a known endpoint that own blocks.
+pub fn remotes(
+    endpoints: &std::collections::BTreeMap<PeerId, Endpoint>,
     ring: &RangeRing,
 ) -> Vec<Remote> {
     let mut owned: std::collections::BTreeMap<PeerId, Vec<Block>> = Default::default();
     for (block, o) in ring.iter() {
         owned.entry(o.owner).or_default().push(block);
     }
-    let mut out: Vec<Remote> = records
-        .filter(|r| r.id != me)
-        .filter(|r| speaks_vxlan(&r.capabilities))
-        .filter_map(|r| {
-            let mac = r.capabilities.vtep_mac?;
-            let underlay = r.addresses.iter().find_map(|a| match a.ip() {
-                IpAddr::V4(ip) => Some(ip),
-                IpAddr::V6(_) => None,
-            })?;
-            let blocks = owned.get(&r.id)?.clone();
+    endpoints
+        .iter()
+        .filter_map(|(id, e)| {
             Some(Remote {
-                peer: r.id,
-                name: r.name.clone(),
-                underlay,
-                port: r.capabilities.vxlan_port.unwrap_or(DEFAULT_VXLAN_PORT),
-                mac,
-                blocks,
+                peer: *id,
+                name: e.name.clone(),
+                underlay: e.underlay,
+                port: e.port,
+                mac: e.mac,
+                blocks: owned.get(id)?.clone(),
             })
         })
-        .collect();
-    out.sort_by_key(|r| r.peer);
-    out
+        .collect()
 }
 
 /// A remote node `n` (underlay 192.168.1.n, MAC ..:n) owning `blocks`, for tests.
@@ -241,6 +299,44 @@ mod tests {
         assert_eq!(choose(Dataplane::Vxlan, Some(false)), Some(Backend::Kernel));
         assert_eq!(choose(Dataplane::Udp, Some(true)), Some(Backend::Userspace));
         assert_eq!(choose(Dataplane::None, Some(true)), None);
+    }
+
+    fn ep(n: u8, underlay: u8) -> Endpoint {
+        Endpoint {
+            name: format!("n{n}"),
+            underlay: Ipv4Addr::new(192, 168, 1, underlay),
+            port: DEFAULT_VXLAN_PORT,
+            mac: [0x0a, 0x76, 0, 0, 0, n],
+        }
+    }
+
+    #[test]
+    fn remembered_endpoints_keep_unheard_owners_only() {
+        use std::collections::{BTreeMap, BTreeSet};
+        let range: Block = "10.32.0.0/12".parse().unwrap();
+        // Owners 2, 3, 4 and 5; 6 owns nothing.
+        let ring =
+            RangeRing::initial_split(range, 24, &[PeerId(2), PeerId(3), PeerId(4), PeerId(5)]);
+        let remembered: BTreeMap<PeerId, Endpoint> =
+            (2..=6).map(|n| (PeerId(u64::from(n)), ep(n, n))).collect();
+        // 2 is live; 3 is in the view but has no endpoint (left the VXLAN wire); 5's
+        // address now belongs to live peer 7; 4 is not heard of yet.
+        let live: BTreeMap<PeerId, Endpoint> = [(PeerId(2), ep(2, 2)), (PeerId(7), ep(7, 5))]
+            .into_iter()
+            .collect();
+        let in_view: BTreeSet<PeerId> = [2, 3, 7].into_iter().map(PeerId).collect();
+        let out = remembered_endpoints(&remembered, live, &in_view, &ring);
+        let ids: Vec<u64> = out.keys().map(|p| p.0).collect();
+        assert_eq!(ids, vec![2, 4, 7], "{out:?}");
+        // The unheard owner is programmed with its blocks.
+        let r = remotes(&out, &ring);
+        assert!(r
+            .iter()
+            .any(|r| r.peer == PeerId(4) && !r.blocks.is_empty()));
+        assert!(
+            !r.iter().any(|r| r.peer == PeerId(7)),
+            "7 owns nothing: no routes"
+        );
     }
 
     #[test]

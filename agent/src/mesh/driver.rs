@@ -94,6 +94,8 @@ pub struct Driver {
     /// Dial targets from Kubernetes Node objects (`--kube`).
     pub(super) kube_targets: BTreeSet<String>,
     pub(super) kube_status: Option<watch::Receiver<mesh_proto::api::KubeStatus>>,
+    /// What the data plane remembers across restarts and whether it may prune yet.
+    pub(super) tunnel_memory: dataplane_glue::TunnelMemory,
 }
 
 /// How the driver and the node bridge task talk (absent with `--dataplane none`).
@@ -129,6 +131,7 @@ impl Driver {
         };
         let mut links = Links::default();
         let now = Instant::now();
+        let tunnel_memory = dataplane_glue::TunnelMemory::load(&store);
         for target in &cfg.persistent_peers {
             links.want(target.clone(), None, DialRole::Persistent, now);
         }
@@ -150,28 +153,8 @@ impl Driver {
             node_net: None,
             kube_targets: BTreeSet::new(),
             kube_status: None,
+            tunnel_memory,
         }
-    }
-
-    /// Tells the data plane what to program: remote nodes, their endpoints and blocks.
-    fn publish_dataplane(&self) {
-        let Some(tunnel) = self.node_net.as_ref().and_then(|n| n.tunnel.as_ref()) else {
-            return;
-        };
-        let desired = crate::dataplane::Desired {
-            local_gateway: self.ipam.gateway().map(|g| g.0),
-            remotes: crate::dataplane::remotes(
-                self.core.own_record().id,
-                self.core.members().map(|m| &m.record),
-                self.ipam.core().ring(),
-            ),
-            nodes: crate::dataplane::node_addresses(self.core.members().map(|m| &m.record)),
-        };
-        tunnel.desired.send_if_modified(|d| {
-            let changed = *d != desired;
-            *d = desired;
-            changed
-        });
     }
 
     /// Connects the node bridge task: it learns the gateway from IPAM through this.
@@ -580,6 +563,7 @@ impl Driver {
     }
 }
 
+mod dataplane_glue;
 mod ipam_glue;
 mod kube_glue;
 mod reporting;

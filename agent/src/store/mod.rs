@@ -3,6 +3,7 @@
 //! Owns the file and its tables; every write is one committed transaction, so what a
 //! caller was told survives `kill -9`. Never holds a transaction across an await point.
 
+mod dataplane;
 mod identity;
 mod ipam;
 

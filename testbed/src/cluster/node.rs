@@ -281,17 +281,13 @@ impl KubeNode {
         }
     }
 
-    /// The node's namespaces as the kernel names them (`mnt:[…]`, `net:[…]`, `uts:[…]`),
-    /// to find processes left in them after a teardown.
-    pub fn namespace_ids(&self) -> Vec<String> {
-        let Ok(pid) = self.holder_pid() else {
-            return Vec::new();
-        };
-        ["mnt", "net", "uts"]
-            .iter()
-            .filter_map(|ns| std::fs::read_link(format!("/proc/{pid}/ns/{ns}")).ok())
+    /// The node's mount namespace as the kernel names it (`mnt:[…]`), to find processes
+    /// left in it after a teardown.
+    pub fn mount_namespace(&self) -> Option<String> {
+        let pid = self.holder_pid().ok()?;
+        std::fs::read_link(format!("/proc/{pid}/ns/mnt"))
+            .ok()
             .map(|l| l.display().to_string())
-            .collect()
     }
 
     /// Ids of the containers containerd knows here (their cgroups are named after them).
@@ -347,6 +343,10 @@ impl KubeNode {
                     let _ = self.run("ctr", &args);
                 }
             }
+            // What the last round did not remove (its deletions may have succeeded).
+            if !left.is_empty() {
+                left = ctr_list(what).unwrap_or(left);
+            }
             if !left.is_empty() {
                 problems.push(format!(
                     "{}: containerd {what} left: {}",
@@ -356,5 +356,13 @@ impl KubeNode {
             }
         }
         problems
+    }
+}
+
+impl Drop for KubeNode {
+    /// A safety net for error paths: `Cluster::down` stops nodes properly (containers
+    /// first); a node dropped any other way at least takes its daemons and holder along.
+    fn drop(&mut self) {
+        self.stop();
     }
 }

@@ -248,3 +248,128 @@ pub(super) fn matrix_without(tb: &Testbed, gone: usize) -> Result<()> {
     }
     Ok(())
 }
+
+/// Pings 50 times a second from a pod on node 1 to a pod on node 2 while one of the two
+/// agents is restarted — stopped politely (SIGTERM, a rolling update) or killed (kill -9,
+/// an OOM kill) — then started again. On the kernel data plane the kernel keeps carrying
+/// the traffic and the restarted agent adopts what it finds: not one ping may be lost. A
+/// userspace node's device goes with its agent: there the gap is measured, reported and
+/// held to `USERSPACE_RESTART_GAP_MS`.
+pub(super) fn agent_restart_loses_no_ping(tb: &mut Testbed) -> Result<()> {
+    let from = tb
+        .pods
+        .iter()
+        .find(|p| p.node == 0)
+        .context("no pod on node 1")?
+        .netns
+        .clone();
+    let to = tb
+        .pods
+        .iter()
+        .find(|p| p.node == 1)
+        .and_then(|p| p.address)
+        .context("no pod on node 2")?;
+    let kernel_only = backend(0) == "vxlan" && backend(1) == "vxlan";
+    for node in [0, 1] {
+        for kill in [false, true] {
+            let how = if kill { "kill -9" } else { "SIGTERM" };
+            let ping = Pinger::start(&from, to)?;
+            std::thread::sleep(Duration::from_millis(500));
+            if kill {
+                tb.kill_agent(node)?;
+            } else {
+                tb.stop_agent(node)?;
+            }
+            tb.start_agent(node)?;
+            let ready = tb.wait_ready(node, Duration::from_secs(30));
+            // Keep pinging a while after the restart: a late cut would show here.
+            std::thread::sleep(Duration::from_secs(2));
+            let text = ping.finish()?;
+            ready.map_err(|e| anyhow!("node {}'s agent did not come back: {e}", node + 1))?;
+            let (answered, lost, gap) =
+                ping_loss(&text).with_context(|| format!("ping output: {text}"))?;
+            println!(
+                "  node {} {how}: {answered} pings answered, {lost} lost (longest gap {gap} ms)",
+                node + 1
+            );
+            if kernel_only {
+                ensure!(
+                    lost == 0,
+                    "the kernel data plane lost {lost} pings across a {how} restart of node {}'s agent",
+                    node + 1
+                );
+            } else {
+                ensure!(
+                    gap <= USERSPACE_RESTART_GAP_MS,
+                    "traffic through a userspace node stopped {gap} ms across a {how} restart (target: {USERSPACE_RESTART_GAP_MS} ms)"
+                );
+            }
+        }
+    }
+    Ok(())
+}
+
+/// The longest a userspace node may drop traffic while its agent restarts (its TUN device
+/// and forwarder go with the process; the restart itself takes about a second here).
+const USERSPACE_RESTART_GAP_MS: u64 = 5000;
+
+/// `ping -i 0.02` in a namespace, stopped (SIGINT) by `finish` — or killed when dropped, so
+/// an early return leaves no ping behind.
+struct Pinger(Option<std::process::Child>);
+
+impl Pinger {
+    fn start(netns: &str, to: Ipv4Addr) -> Result<Pinger> {
+        let child = std::process::Command::new("ip")
+            .args(["netns", "exec", netns, "ping", "-n", "-i", "0.02"])
+            .arg(to.to_string())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .context("start ping")?;
+        Ok(Pinger(Some(child)))
+    }
+
+    fn finish(mut self) -> Result<String> {
+        let child = self.0.take().context("ping already finished")?;
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(child.id() as i32),
+            nix::sys::signal::Signal::SIGINT,
+        );
+        let out = child.wait_with_output()?;
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+}
+
+impl Drop for Pinger {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.0.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+/// (answered, lost, longest gap in ms) from ping's per-reply lines, at 20 ms per ping. Lost
+/// counts the sequence numbers missing between the first and the last answer: the echo
+/// still in flight when ping was stopped is not a loss.
+fn ping_loss(out: &str) -> Result<(u64, u64, u64)> {
+    let mut seqs: Vec<u64> = out
+        .lines()
+        .filter_map(|l| l.split("icmp_seq=").nth(1))
+        .filter_map(|s| s.split_whitespace().next()?.parse().ok())
+        .collect();
+    seqs.sort_unstable();
+    seqs.dedup();
+    let (first, last) = match (seqs.first(), seqs.last()) {
+        (Some(f), Some(l)) => (*f, *l),
+        _ => bail!("no ping was answered"),
+    };
+    let answered = seqs.len() as u64;
+    let lost = (last - first + 1) - answered;
+    let gap = seqs
+        .windows(2)
+        .map(|w| (w[1] - w[0]) * 20)
+        .max()
+        .unwrap_or(0);
+    Ok((answered, lost, gap))
+}

@@ -94,6 +94,10 @@ const CASES: &[(&str, suite::Case)] = &[
     ),
     (RESTART, lifecycle::agent_stop_keeps_traffic),
     (
+        "an agent restarted (SIGTERM or kill -9) on either end loses no ping (kernel; userspace: gap reported)",
+        lifecycle::agent_restart_loses_no_ping,
+    ),
+    (
         "meshctl status connections names each peer's data plane",
         lifecycle::connections_name_the_data_plane,
     ),

@@ -33,13 +33,15 @@ pub fn wanted(want: &Desired) -> BTreeSet<TunRoute> {
         .collect()
 }
 
-/// Removals first (a block that moved owner keeps its route: only the table changes), then
-/// additions and repairs.
+/// Removals first (a block that moved owner keeps its route: only the table changes; none
+/// before the first sync, see `Desired::prune`), then additions and repairs.
 pub fn plan(want: &Desired, seen: &[TunRoute]) -> Vec<Step> {
-    let want = wanted(want);
     let seen: BTreeSet<&TunRoute> = seen.iter().collect();
+    let prune = want.prune;
+    let want = wanted(want);
     let mut steps: Vec<Step> = seen
         .iter()
+        .filter(|_| prune)
         .filter(|r| {
             !want.contains(r) && !want.iter().any(|w| (w.dst, w.prefix) == (r.dst, r.prefix))
         })
@@ -82,6 +84,7 @@ mod tests {
             local_gateway: Some(Ipv4Addr::new(10, 32, 0, 1)),
             remotes,
             nodes: Vec::new(),
+            prune: true,
         }
     }
 
@@ -91,6 +94,16 @@ mod tests {
             prefix,
             src: Some(Ipv4Addr::new(10, 32, 0, 1)),
         }
+    }
+
+    #[test]
+    fn before_the_first_sync_stale_routes_stay() {
+        let mut want = desired(&[(2, "10.36.0.0/14")]);
+        want.prune = false;
+        let seen = vec![route("10.36.0.0", 14), route("10.40.0.0", 16)];
+        assert!(plan(&want, &seen).is_empty());
+        want.prune = true;
+        assert_eq!(plan(&want, &seen), vec![Step::Del(route("10.40.0.0", 16))]);
     }
 
     #[test]

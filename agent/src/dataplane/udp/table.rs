@@ -84,6 +84,7 @@ mod tests {
             local_gateway: None,
             remotes,
             nodes: Vec::new(),
+            prune: true,
         })
     }
 

@@ -53,8 +53,38 @@ pub fn plan(want: &Desired, seen: &Observed) -> Vec<Step> {
         }
     }
     let mut steps = Vec::new();
-    // Removals, routes first.
     let seen_routes: BTreeSet<&OurRoute> = seen.routes.iter().collect();
+    if want.prune {
+        removals(&mut steps, seen, &neighbours, &fdb, &routes);
+    }
+    // Additions and repairs, routes last.
+    for (ip, mac) in &neighbours {
+        if seen.neighbours.get(ip).map(Vec::as_slice) != Some(mac.as_slice()) {
+            steps.push(Step::SetNeighbour(*ip, *mac));
+        }
+    }
+    for (mac, dst) in &fdb {
+        if !seen.fdb.contains(&(mac.to_vec(), *dst)) {
+            steps.push(Step::SetFdb(*mac, *dst));
+        }
+    }
+    for r in &routes {
+        if !seen_routes.contains(r) {
+            steps.push(Step::SetRoute(r.clone()));
+        }
+    }
+    steps
+}
+
+/// What the kernel has that is not wanted, routes first (a route whose destination is
+/// wanted through another node is replaced, not removed).
+fn removals(
+    steps: &mut Vec<Step>,
+    seen: &Observed,
+    neighbours: &BTreeMap<Ipv4Addr, [u8; 6]>,
+    fdb: &BTreeSet<([u8; 6], Ipv4Addr)>,
+    routes: &BTreeSet<OurRoute>,
+) {
     for r in &seen.routes {
         let replaced = routes
             .iter()
@@ -76,23 +106,6 @@ pub fn plan(want: &Desired, seen: &Observed) -> Vec<Step> {
             steps.push(Step::DelFdb(mac.clone(), *dst));
         }
     }
-    // Additions and repairs, routes last.
-    for (ip, mac) in &neighbours {
-        if seen.neighbours.get(ip).map(Vec::as_slice) != Some(mac.as_slice()) {
-            steps.push(Step::SetNeighbour(*ip, *mac));
-        }
-    }
-    for (mac, dst) in &fdb {
-        if !seen.fdb.contains(&(mac.to_vec(), *dst)) {
-            steps.push(Step::SetFdb(*mac, *dst));
-        }
-    }
-    for r in &routes {
-        if !seen_routes.contains(r) {
-            steps.push(Step::SetRoute(r.clone()));
-        }
-    }
-    steps
 }
 
 #[cfg(test)]
@@ -109,6 +122,7 @@ mod tests {
             local_gateway: Some(Ipv4Addr::new(10, 32, 0, 1)),
             remotes,
             nodes: Vec::new(),
+            prune: true,
         }
     }
 
@@ -198,6 +212,41 @@ mod tests {
             .any(|s| matches!(s, Step::DelFdb(_, d) if *d == Ipv4Addr::new(192, 168, 1, 3))));
         apply(&mut seen, &steps);
         assert!(plan(&want, &seen).is_empty());
+    }
+
+    #[test]
+    fn before_the_first_sync_nothing_is_removed_but_everything_wanted_is_added() {
+        // A restarted agent: the kernel still carries two peers; the view knows one so far.
+        let mut seen = Observed::default();
+        apply(
+            &mut seen,
+            &plan(
+                &desired(vec![
+                    remote(2, &["10.36.0.0/14"]),
+                    remote(3, &["10.44.0.0/14"]),
+                ]),
+                &Observed::default(),
+            ),
+        );
+        let mut want = desired(vec![
+            remote(2, &["10.36.0.0/14"]),
+            remote(4, &["10.48.0.0/14"]),
+        ]);
+        want.prune = false;
+        let steps = plan(&want, &seen);
+        assert!(
+            steps.iter().all(|s| matches!(
+                s,
+                Step::SetNeighbour(..) | Step::SetFdb(..) | Step::SetRoute(_)
+            )),
+            "{steps:?}"
+        );
+        assert_eq!(steps.len(), 3, "only node 4 is added: {steps:?}");
+        apply(&mut seen, &steps);
+        assert_eq!(seen.routes.len(), 3, "node 3's route is kept");
+        want.prune = true;
+        let steps = plan(&want, &seen);
+        assert!(steps.contains(&Step::DelNeighbour(Ipv4Addr::new(192, 168, 1, 3))));
     }
 
     #[test]
