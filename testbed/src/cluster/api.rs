@@ -145,6 +145,35 @@ impl Cluster {
                     out.push('\n');
                 }
             }
+            // The node's routes and its agent's last words: where pod traffic goes.
+            if let Ok(o) = n.run("ip", &["-4", "route", "show"]) {
+                out.push_str(&format!(
+                    "---- {} ip route\n{}",
+                    n.name,
+                    String::from_utf8_lossy(&o.stdout)
+                ));
+            }
+        }
+        if let Ok(pods) = self.mesh_pods() {
+            for p in pods {
+                if let Ok(o) = self.kubectl(&[
+                    "-n",
+                    "mesh-system",
+                    "logs",
+                    &p.name,
+                    "-c",
+                    "agent",
+                    "--tail",
+                    "15",
+                ]) {
+                    out.push_str(&format!(
+                        "---- {} ({}) agent log, last 15\n{}",
+                        p.name,
+                        p.node,
+                        String::from_utf8_lossy(&o.stdout)
+                    ));
+                }
+            }
         }
         out
     }

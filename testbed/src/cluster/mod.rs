@@ -424,6 +424,29 @@ impl Cluster {
         .map_err(|e| anyhow::anyhow!("{e:#}\n{}", self.diagnose()))?;
         let ready = started.elapsed();
         self.wait_mesh_rolled_out(Duration::from_secs(120))?;
+        // kubelet marks a node Ready once the conflist exists; the agent sets
+        // NetworkUnavailable=False once its bridge and tunnel are programmed, moments later.
+        let ((), took) = wait_for(
+            "NetworkUnavailable=False (MeshIsUp) on every node",
+            Duration::from_secs(30),
+            || {
+                let v = self.get_json(&["nodes"])?;
+                let all = items(&v).iter().all(|n| {
+                    n["status"]["conditions"].as_array().is_some_and(|cs| {
+                        cs.iter().any(|c| {
+                            c["type"] == "NetworkUnavailable"
+                                && c["status"] == "False"
+                                && c["reason"] == "MeshIsUp"
+                        })
+                    })
+                });
+                Ok(all.then_some(()))
+            },
+        )?;
+        self.timings.push((
+            "every node Ready -> NetworkUnavailable=False on all".into(),
+            took,
+        ));
         Ok((applied, ready))
     }
 
