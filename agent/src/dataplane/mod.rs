@@ -247,13 +247,23 @@ pub fn node_addresses<'a>(records: impl Iterator<Item = &'a PeerRecord>) -> Vec<
 }
 
 /// Remote nodes with a known endpoint that own blocks.
+///
+/// A remote that owns the whole range (the first splitter, until it hands space out) is
+/// routed as the range's two halves: a route for the range itself would have the same key
+/// as the node bridge's on-link route for the range — it would shadow it (the node's own
+/// pods routed into the tunnel) or, written with `replace`, take its place.
 pub fn remotes(
     endpoints: &std::collections::BTreeMap<PeerId, Endpoint>,
     ring: &RangeRing,
 ) -> Vec<Remote> {
+    let range = ring.range();
     let mut owned: std::collections::BTreeMap<PeerId, Vec<Block>> = Default::default();
     for (block, o) in ring.iter() {
-        owned.entry(o.owner).or_default().push(block);
+        let blocks = owned.entry(o.owner).or_default();
+        match block.halves() {
+            Some((low, high)) if block == range => blocks.extend([low, high]),
+            _ => blocks.push(block),
+        }
     }
     endpoints
         .iter()
@@ -337,6 +347,16 @@ mod tests {
             !r.iter().any(|r| r.peer == PeerId(7)),
             "7 owns nothing: no routes"
         );
+    }
+
+    #[test]
+    fn a_remote_owning_the_whole_range_is_routed_as_two_halves() {
+        let range: Block = "10.32.0.0/12".parse().unwrap();
+        let ring = RangeRing::initial_split(range, 24, &[PeerId(2)]);
+        let endpoints = [(PeerId(2), ep(2, 2))].into_iter().collect();
+        let r = remotes(&endpoints, &ring);
+        let blocks: Vec<String> = r[0].blocks.iter().map(|b| b.to_string()).collect();
+        assert_eq!(blocks, vec!["10.32.0.0/13", "10.40.0.0/13"]);
     }
 
     #[test]
