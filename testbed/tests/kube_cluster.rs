@@ -537,7 +537,13 @@ fn node_deleted_reclaimed_once(x: &mut Ctx) -> Result<()> {
     if reclaims != 1 {
         bail!("{reclaims} reclaims logged across the agents; exactly one must happen");
     }
-    let pod = x.c.mesh_pods()?.into_iter().next().context("no mesh pod")?;
+    // Not the deleted node's pod: its object lingers until garbage-collected, but exec
+    // through a Node that is gone fails.
+    let pod =
+        x.c.mesh_pods()?
+            .into_iter()
+            .find(|p| p.node != gone && p.ready)
+            .context("no ready mesh pod on a live node")?;
     let ipam = meshctl_json(&x.c, &pod.name, &["status", "ipam"])?;
     let total: u64 = ipam["owners"]
         .as_array()
