@@ -260,14 +260,7 @@ fn rollout_gap(c: &Cluster) -> Result<f64> {
         .context("no probe pod on the first worker")?;
     workloads::start_stream(c, server, &nodes[1])?;
     c.kubectl_ok(&["-n", "mesh-system", "rollout", "restart", "ds/mesh"])?;
-    c.kubectl_ok(&[
-        "-n",
-        "mesh-system",
-        "rollout",
-        "status",
-        "ds/mesh",
-        "--timeout=240s",
-    ])?;
+    c.wait_mesh_rollout()?;
     std::thread::sleep(Duration::from_secs(2));
     let s = workloads::stream_stats(c, &server.name)?;
     if s["open"] != 1 || s["connections"] != 1 {

@@ -12,6 +12,7 @@
 mod keeper;
 mod keeper_kube;
 mod layout;
+mod status;
 
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::net::UnixStream;
@@ -174,7 +175,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
         }
         Cmd::Kubectl { args } => kubectl(&name, &args),
         Cmd::Exec { target, command } => exec(&name, &target, &command),
-        Cmd::Status { node } => status(&name, node.as_deref()),
+        Cmd::Status { node } => status::status(&name, node.as_deref()),
         Cmd::Check => request(&name, "check"),
         Cmd::Chaos => request(&name, "chaos"),
         Cmd::Bench { seconds } => request(&name, &format!("bench {seconds}")),
@@ -408,18 +409,9 @@ fn exec(name: &str, target: &str, command: &[String]) -> Result<ExitCode> {
                 .join(" ")
         )
     })?;
-    let pid = keeper_pid(name).with_context(|| format!("testbed {name:?} is not up"))?;
-    // The namespaces are mounts in the keeper's private mount namespace: join it (this
-    // process is still single-threaded), then run the command there.
-    let mnt = std::fs::File::open(format!("/proc/{pid}/ns/mnt"))?;
-    nix::sched::setns(&mnt, nix::sched::CloneFlags::CLONE_NEWNS)
-        .context("join the testbed's mount namespace")?;
-    let err = std::os::unix::process::CommandExt::exec(
-        std::process::Command::new("ip")
-            .args(["netns", "exec", &netns])
-            .args(command),
-    );
-    Err(err).context("exec ip netns exec")
+    let mut cmd = std::process::Command::new("ip");
+    cmd.args(["netns", "exec", &netns]).args(command);
+    exec_in_testbed(name, cmd)
 }
 
 /// kubectl with the cluster's admin kubeconfig, in the control plane's network namespace
@@ -429,134 +421,25 @@ fn kubectl(name: &str, args: &[String]) -> Result<ExitCode> {
     if !l.kubernetes {
         bail!("testbed {name:?} is not a Kubernetes testbed (start one with `mesh-testbed --name {name} up --kubernetes`)");
     }
+    let mut cmd = std::process::Command::new("ip");
+    cmd.args(["netns", "exec", &l.control_plane_netns])
+        .arg(mesh_testbed::kube::cache_bin().join("kubectl"))
+        .arg("--kubeconfig")
+        .arg(&l.kubeconfig)
+        .args(args);
+    exec_in_testbed(name, cmd)
+}
+
+/// Replaces this process with `cmd`, run in testbed `name`'s mount namespace (its network
+/// namespaces are mounts there): joins the keeper's — this process is still
+/// single-threaded — then execs.
+fn exec_in_testbed(name: &str, mut cmd: std::process::Command) -> Result<ExitCode> {
     let pid = keeper_pid(name).with_context(|| format!("testbed {name:?} is not up"))?;
     let mnt = std::fs::File::open(format!("/proc/{pid}/ns/mnt"))?;
     nix::sched::setns(&mnt, nix::sched::CloneFlags::CLONE_NEWNS)
         .context("join the testbed's mount namespace")?;
-    let err = std::os::unix::process::CommandExt::exec(
-        std::process::Command::new("ip")
-            .args(["netns", "exec", &l.control_plane_netns])
-            .arg(mesh_testbed::kube::cache_bin().join("kubectl"))
-            .arg("--kubeconfig")
-            .arg(&l.kubeconfig)
-            .args(args),
-    );
-    Err(err).context("exec kubectl")
-}
-
-fn status(name: &str, node: Option<&str>) -> Result<ExitCode> {
-    let l = layout::Layout::load(name)?;
-    if l.kubernetes {
-        return request(name, "status");
-    }
-    let meshctl = mesh_testbed::bed::bin_dir()?.join("meshctl");
-    if let Some(node) = node {
-        let n = l
-            .nodes
-            .iter()
-            .find(|n| n.name == node)
-            .with_context(|| format!("no node {node:?} in testbed {name:?}"))?;
-        let out = std::process::Command::new(&meshctl)
-            .args(["--socket", &n.socket, "status"])
-            .status()?;
-        return Ok(if out.success() {
-            ExitCode::SUCCESS
-        } else {
-            ExitCode::FAILURE
-        });
-    }
-    // Side by side: one column per node, rows from `meshctl status -o json`.
-    let rows = [
-        "ready",
-        "data plane",
-        "peers",
-        "connections",
-        "ipam",
-        "pod network",
-        "problem",
-    ];
-    let mut cols: Vec<Vec<String>> = Vec::new();
-    let mut all_ready = true;
-    for n in &l.nodes {
-        let out = std::process::Command::new(&meshctl)
-            .args(["--socket", &n.socket, "status", "-o", "json"])
-            .output()?;
-        let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
-        if v.is_null() {
-            all_ready = false;
-            cols.push(vec![
-                "agent unreachable".into(),
-                String::from_utf8_lossy(&out.stderr)
-                    .trim()
-                    .chars()
-                    .take(40)
-                    .collect(),
-            ]);
-            continue;
-        }
-        let nn = &v["node_network"];
-        let ready = v["ready"] == true && nn["ready"] == true;
-        all_ready &= ready;
-        let conns = v["connections"]
-            .as_object()
-            .map(|m| {
-                m.iter()
-                    .map(|(k, c)| format!("{c} {k}"))
-                    .collect::<Vec<_>>()
-                    .join(", ")
-            })
-            .unwrap_or_default();
-        let problem = nn["problem"]
-            .as_str()
-            .or(nn["tunnel_problem"].as_str())
-            .unwrap_or("-");
-        cols.push(vec![
-            ready.to_string(),
-            v["dataplane"].as_str().unwrap_or("?").to_string(),
-            v["peers"].to_string(),
-            conns,
-            v["ipam"]["status"].as_str().unwrap_or("?").to_string(),
-            format!(
-                "{} mtu {}",
-                nn["address"].as_str().unwrap_or("-"),
-                nn["mtu"]
-            ),
-            problem.chars().take(40).collect(),
-        ]);
-    }
-    let colw: Vec<usize> = (0..cols.len())
-        .map(|i| {
-            cols[i]
-                .iter()
-                .map(String::len)
-                .chain(std::iter::once(l.nodes[i].name.len()))
-                .max()
-                .unwrap_or(4)
-                + 2
-        })
-        .collect();
-    print!("{:14}", "");
-    for (i, n) in l.nodes.iter().enumerate() {
-        print!("{:w$}", n.name, w = colw[i]);
-    }
-    println!();
-    for (r, label) in rows.iter().enumerate() {
-        print!("{label:14}");
-        for (i, c) in cols.iter().enumerate() {
-            print!(
-                "{:w$}",
-                c.get(r).map(String::as_str).unwrap_or(""),
-                w = colw[i]
-            );
-        }
-        println!();
-    }
-    println!("\n(one node in full: mesh-testbed --name {name} status --node n1)");
-    Ok(if all_ready {
-        ExitCode::SUCCESS
-    } else {
-        ExitCode::FAILURE
-    })
+    let err = std::os::unix::process::CommandExt::exec(&mut cmd);
+    Err(err).with_context(|| format!("exec {:?}", cmd.get_program()))
 }
 
 /// A Kubernetes testbed whose keeper died without tearing down (killed) leaves containers

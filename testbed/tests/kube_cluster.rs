@@ -204,20 +204,6 @@ fn stream_alive(x: &Ctx) -> Result<Value> {
     Ok(s)
 }
 
-fn wait_rollout(c: &Cluster) -> Result<Duration> {
-    let started = Instant::now();
-    c.kubectl_ok(&[
-        "-n",
-        "mesh-system",
-        "rollout",
-        "status",
-        "ds/mesh",
-        "--timeout=240s",
-    ])?;
-    c.wait_mesh_rolled_out(Duration::from_secs(60))?;
-    Ok(started.elapsed())
-}
-
 /// A rollout while the stream runs: it survives; the longest gap is recorded.
 fn rollout_with_stream(
     x: &mut Ctx,
@@ -226,7 +212,7 @@ fn rollout_with_stream(
 ) -> Result<()> {
     let before: Vec<String> = x.c.mesh_pods()?.into_iter().map(|p| p.uid).collect();
     change(&x.c)?;
-    let took = wait_rollout(&x.c)?;
+    let took = x.c.wait_mesh_rollout()?;
     let after = x.c.mesh_pods()?;
     if let Some(p) = after.iter().find(|p| before.contains(&p.uid)) {
         bail!("{} was not replaced by the rollout", p.name);
@@ -491,10 +477,7 @@ fn node_added(x: &mut Ctx) -> Result<()> {
 fn mesh_log_count(c: &Cluster, needle: &str, except: &str) -> Result<usize> {
     let mut n = 0;
     for p in c.mesh_pods()?.into_iter().filter(|p| p.node != except) {
-        n += c
-            .kubectl_ok(&["-n", "mesh-system", "logs", &p.name, "-c", "agent"])?
-            .matches(needle)
-            .count();
+        n += c.mesh_logs(&p.name, None)?.matches(needle).count();
     }
     Ok(n)
 }

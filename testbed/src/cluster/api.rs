@@ -34,6 +34,30 @@ impl Cluster {
         Ok(took)
     }
 
+    /// The agent container's log of mesh pod `pod` (the last `tail` lines, or all).
+    pub fn mesh_logs(&self, pod: &str, tail: Option<usize>) -> Result<String> {
+        let tail = tail.map(|n| format!("--tail={n}"));
+        let mut args = vec!["-n", "mesh-system", "logs", pod, "-c", "agent"];
+        args.extend(tail.as_deref());
+        self.kubectl_ok(&args)
+    }
+
+    /// Waits until the DaemonSet's rollout is complete (`kubectl rollout status`) and every
+    /// mesh pod is ready; how long that took.
+    pub fn wait_mesh_rollout(&self) -> Result<Duration> {
+        let started = std::time::Instant::now();
+        self.kubectl_ok(&[
+            "-n",
+            "mesh-system",
+            "rollout",
+            "status",
+            "ds/mesh",
+            "--timeout=240s",
+        ])?;
+        self.wait_mesh_rolled_out(Duration::from_secs(60))?;
+        Ok(started.elapsed())
+    }
+
     /// `meshctl ARGS` in mesh pod `pod` (`kubectl exec`): its stdout.
     pub fn meshctl(&self, pod: &str, args: &[&str]) -> Result<String> {
         let mut all = vec![
@@ -156,21 +180,10 @@ impl Cluster {
         }
         if let Ok(pods) = self.mesh_pods() {
             for p in pods {
-                if let Ok(o) = self.kubectl(&[
-                    "-n",
-                    "mesh-system",
-                    "logs",
-                    &p.name,
-                    "-c",
-                    "agent",
-                    "--tail",
-                    "15",
-                ]) {
+                if let Ok(log) = self.mesh_logs(&p.name, Some(15)) {
                     out.push_str(&format!(
                         "---- {} ({}) agent log, last 15\n{}",
-                        p.name,
-                        p.node,
-                        String::from_utf8_lossy(&o.stdout)
+                        p.name, p.node, log
                     ));
                 }
             }

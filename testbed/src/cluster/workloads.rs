@@ -415,16 +415,7 @@ pub fn check(c: &Cluster, out: &mut dyn Write) -> Result<bool> {
                 p.name, p.node
             ),
             (|| {
-                let logs = c.kubectl_ok(&[
-                    "-n",
-                    "mesh-system",
-                    "logs",
-                    &p.name,
-                    "-c",
-                    "agent",
-                    "--tail",
-                    "200",
-                ])?;
+                let logs = c.mesh_logs(&p.name, Some(200))?;
                 if logs.trim().is_empty() {
                     bail!("kubectl logs printed nothing");
                 }
