@@ -27,6 +27,20 @@ use crate::store::Store;
 use crate::transport::tls::{self, Auth};
 use mesh_proto::api::NodeNetworkStatus;
 
+/// A store the agent cannot use as it is: say so with the way out, never start on a guess
+/// (an empty view of a damaged store would hand out addresses that are in use).
+fn store_refusal(e: crate::store::StoreError, dir: &std::path::Path) -> anyhow::Error {
+    if e.is_damage() {
+        anyhow::anyhow!(
+            "{e}. The agent will not start on a damaged or foreign state database: with the agent \
+             stopped, 'mesh-agent store inspect --state-dir {}' lists each problem and its way out",
+            dir.display()
+        )
+    } else {
+        e.into()
+    }
+}
+
 pub async fn run(cfg: AgentConfig) -> Result<()> {
     if cfg.uninstall {
         return uninstall(&cfg).await;
@@ -39,10 +53,13 @@ pub async fn run(cfg: AgentConfig) -> Result<()> {
             Auth::InsecureNoAuth
         }
     };
-    let store = Arc::new(Store::open(&cfg.state_dir)?);
+    let store =
+        Arc::new(Store::open(&cfg.state_dir).map_err(|e| store_refusal(e, &cfg.state_dir))?);
     // Generated up front (cheap) so a failure cannot leave an empty key in the store.
     let fresh_key = tls::generate_node_key().context("cannot generate a node key")?;
-    let identity = store.start_identity(&resolved.node_name, fresh_key)?;
+    let identity = store
+        .start_identity(&resolved.node_name, fresh_key)
+        .map_err(|e| store_refusal(e, &cfg.state_dir))?;
     if let Some(old) = &identity.renamed_from {
         warn!(old = %old, new = %resolved.node_name, "node name changed since the last run; keeping the same peer id");
     }
@@ -156,7 +173,8 @@ pub async fn run(cfg: AgentConfig) -> Result<()> {
         mtu,
         metrics.clone(),
         std::time::Instant::now(),
-    )?;
+    )
+    .map_err(|e| store_refusal(e, &cfg.state_dir))?;
     let driver = Driver::new(
         core,
         driver_cfg,

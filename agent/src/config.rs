@@ -32,6 +32,27 @@ impl Dataplane {
     }
 }
 
+#[derive(Clone, Debug, clap::Subcommand)]
+pub enum AgentCommand {
+    /// The state database under --state-dir.
+    #[command(subcommand)]
+    Store(StoreCommand),
+}
+
+#[derive(Clone, Debug, clap::Subcommand)]
+pub enum StoreCommand {
+    /// Read the database without changing it: schema, identity, counts, every problem
+    /// and its way out. Exits 1 when it finds a problem.
+    Inspect,
+    /// Keep a copy, let redb repair its structure, drop the data-plane cache if damaged,
+    /// and remove what --discard names (nothing else). Exits 1 if problems remain.
+    Repair {
+        /// What to give up (repeatable); each says its cost in `--help`.
+        #[arg(long, value_enum)]
+        discard: Vec<crate::store::Discard>,
+    },
+}
+
 #[derive(Clone, Debug, Parser)]
 #[command(
     name = "mesh-agent",
@@ -65,7 +86,12 @@ pub struct AgentConfig {
     pub insecure_no_auth: bool,
 
     /// Durable state (identity, ring, allocations).
-    #[arg(long, env = "MESH_STATE_DIR", default_value = "/var/lib/mesh")]
+    #[arg(
+        long,
+        env = "MESH_STATE_DIR",
+        default_value = "/var/lib/mesh",
+        global = true
+    )]
     pub state_dir: PathBuf,
 
     /// Local API unix socket (mode 0600).
@@ -131,6 +157,10 @@ pub struct AgentConfig {
     /// the bridge) and exit, instead of running.
     #[arg(long)]
     pub uninstall: bool,
+
+    /// Instead of running: look after the state database (the agent must be stopped).
+    #[command(subcommand)]
+    pub command: Option<AgentCommand>,
 
     /// Log filter (tracing EnvFilter syntax), e.g. `info` or `mesh_agent=debug`.
     #[arg(long, env = "MESH_LOG", default_value = "info")]

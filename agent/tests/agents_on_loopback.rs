@@ -20,6 +20,15 @@ fn secured(dir: &std::path::Path, name: &str, secret: &std::path::Path, peers: &
     Agent::new(dir, name, &extra)
 }
 
+/// Starts `a` and waits (up to 10 s) until its local API answers.
+fn start_and_wait(a: &mut Agent) {
+    a.start();
+    let answered = wait_for(Duration::from_secs(10), || {
+        a.json(&["status", "-o", "json"]).is_some()
+    });
+    assert!(answered.is_some(), "{}", a.log_text());
+}
+
 fn dump_logs(agents: &[&Agent]) -> String {
     agents
         .iter()
@@ -241,15 +250,7 @@ fn local_api_contract_and_socket_permissions() {
     let dir = tempfile::tempdir().unwrap();
     let secret = write_secret(dir.path(), "secret", SECRET);
     let mut a = secured(dir.path(), "api", &secret, "");
-    a.start();
-    assert!(
-        wait_for(Duration::from_secs(10), || a
-            .json(&["status", "-o", "json"])
-            .is_some())
-        .is_some(),
-        "{}",
-        a.log_text()
-    );
+    start_and_wait(&mut a);
     let mode = std::fs::metadata(&a.socket).unwrap().permissions().mode() & 0o777;
     assert_eq!(mode, 0o600, "local API socket must be owner-only");
 
@@ -301,4 +302,68 @@ fn meshctl_without_an_agent_says_so_in_one_line_and_fails() {
     let err = String::from_utf8_lossy(&out.stderr).to_string();
     assert_eq!(err.trim().lines().count(), 1, "{err}");
     assert!(err.contains("is mesh-agent running"), "{err}");
+}
+
+#[test]
+fn a_damaged_store_stops_the_agent_with_the_way_out_and_repair_brings_it_back() {
+    let dir = tempfile::tempdir().unwrap();
+    let secret = write_secret(dir.path(), "s", SECRET);
+    let mut a = secured(dir.path(), "damaged", &secret, "");
+    start_and_wait(&mut a);
+    a.kill9();
+    // Damage: the allocations table replaced by one of another layout (what a foreign
+    // tool or a botched downgrade leaves). Before schema checks this loaded as "no
+    // allocations" and the agent started, ready to hand every address out again.
+    {
+        let db = redb::Database::create(a.state_dir.join("mesh.redb")).unwrap();
+        let tx = db.begin_write().unwrap();
+        let ours: redb::TableDefinition<&str, &[u8]> = redb::TableDefinition::new("allocations");
+        tx.delete_table(ours).unwrap();
+        let other: redb::TableDefinition<u64, u64> = redb::TableDefinition::new("allocations");
+        tx.open_table(other).unwrap().insert(1, 1).unwrap();
+        tx.commit().unwrap();
+    }
+    a.start();
+    let exited = wait_for(Duration::from_secs(10), || a.exited().is_some());
+    assert!(exited.is_some(), "the agent started on a damaged store");
+    let log = a.log_text();
+    assert!(
+        log.contains("mesh.redb") && log.contains("mesh-agent store inspect --state-dir"),
+        "the refusal must name the file and the way out: {log}"
+    );
+
+    let store = |args: &[&str]| {
+        let mut all = vec!["store"];
+        all.extend_from_slice(args);
+        all.push("--state-dir");
+        let dir = a.state_dir.display().to_string();
+        let out = std::process::Command::new(common::AGENT)
+            .args(&all)
+            .arg(&dir)
+            .output()
+            .unwrap();
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).to_string(),
+        )
+    };
+    let (ok, text) = store(&["inspect"]);
+    assert!(!ok, "inspect must fail on a damaged store: {text}");
+    assert!(
+        text.contains("PROBLEM in allocations") && text.contains("--discard allocations"),
+        "{text}"
+    );
+    let (ok, text) = store(&["repair"]);
+    assert!(
+        !ok,
+        "repair without --discard must not drop allocations: {text}"
+    );
+    let (ok, text) = store(&["repair", "--discard", "allocations"]);
+    assert!(ok, "{text}");
+    assert!(
+        text.contains("before-repair") && text.contains("no problems found"),
+        "{text}"
+    );
+
+    start_and_wait(&mut a);
 }

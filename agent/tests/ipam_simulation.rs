@@ -203,8 +203,10 @@ fn a_peer_with_another_seed_list_is_refused() {
     let t0 = Instant::now();
     let a_cfg = IpamConfig::new(range, InitMode::Seed(vec!["a".into(), "b".into()]));
     let b_cfg = IpamConfig::new(range, InitMode::Seed(vec!["a".into(), "x".into()]));
-    let mut a = IpamCore::new(a_cfg, PeerId(1), "a", Restored::default(), t0);
-    let mut b = IpamCore::new(b_cfg, PeerId(2), "b", Restored::default(), t0);
+    let mut a = IpamCore::new(a_cfg, PeerId(1), "a", Restored::default(), t0)
+        .expect("a consistent restored state");
+    let mut b = IpamCore::new(b_cfg, PeerId(2), "b", Restored::default(), t0)
+        .expect("a consistent restored state");
     let peers = |up| {
         vec![
             PeerInfo {

@@ -20,6 +20,8 @@ const DEADLINE: Duration = Duration::from_secs(5);
 
 pub struct Agent {
     pub socket: PathBuf,
+    /// The CNI network name: allocations are kept per (network, container, ifname).
+    pub network: String,
 }
 
 fn from_client(e: ClientError) -> CniError {
@@ -94,13 +96,22 @@ impl Agent {
 
     pub async fn release(&self, container_id: &str, ifname: &str) -> CniResult<()> {
         let path = format!(
-            "/v1/allocations/{}/{}",
+            "/v1/allocations/{}/{}?network={}",
             client::path_segment(container_id),
-            client::path_segment(ifname)
+            client::path_segment(ifname),
+            client::path_segment(&self.network)
         );
         self.call::<serde_json::Value>("DELETE", &path, None, DEADLINE)
             .await
             .map(|_| ())
+    }
+
+    /// Every allocation the agent holds, of every network.
+    pub async fn allocations(&self) -> CniResult<Vec<AllocationView>> {
+        let (_, list) = self
+            .call::<AllocationsResponse>("GET", "/v1/allocations", None, DEADLINE)
+            .await?;
+        Ok(list.map(|l| l.allocations).unwrap_or_default())
     }
 
     pub async fn allocation(
@@ -108,20 +119,16 @@ impl Agent {
         container_id: &str,
         ifname: &str,
     ) -> CniResult<Option<AllocationView>> {
-        let (_, list) = self
-            .call::<AllocationsResponse>("GET", "/v1/allocations", None, DEADLINE)
-            .await?;
-        Ok(list
-            .unwrap_or(AllocationsResponse {
-                allocations: vec![],
-            })
-            .allocations
-            .into_iter()
-            .find(|a| a.container_id == container_id && a.ifname == ifname))
+        Ok(self.allocations().await?.into_iter().find(|a| {
+            a.container_id == container_id
+                && a.ifname == ifname
+                && (a.network == self.network || a.network.is_empty())
+        }))
     }
 
     pub async fn gc(&self, valid: &[(String, String)]) -> CniResult<GcResponse> {
         let req = GcRequest {
+            network: self.network.clone(),
             valid: valid
                 .iter()
                 .map(|(c, i)| AttachmentRef {

@@ -86,6 +86,12 @@ pub async fn configure_pod_end(
                 format!("{ifname} vanished from the pod's namespace while it was being set up"),
             )
         })?;
+    // Before the link comes up: the kernel then announces the address (gratuitous ARP),
+    // so a pod or node that cached the MAC of this address's previous holder updates it
+    // at once instead of after its entry times out (tens of seconds).
+    pod.enable_arp_notify(link.index)
+        .await
+        .map_err(setup_failed)?;
     pod.add_address(link.index, address.0, address.1)
         .await
         .map_err(setup_failed)?;

@@ -11,6 +11,7 @@ use mesh_proto::api::{AllocationRequest, AllocationResponse, PodRef};
 use serde_json::Value;
 
 use crate::agent::Agent;
+use crate::announce;
 use crate::attach::{self, parse_cidr, setup_failed};
 use crate::conf::NetConf;
 use crate::env::CniEnv;
@@ -23,6 +24,7 @@ use crate::result::{CniOutput, Interface, IpConfig, Route};
 fn agent(conf: &NetConf) -> Agent {
     Agent {
         socket: conf.agent_socket.clone(),
+        network: conf.name.clone(),
     }
 }
 
@@ -150,6 +152,7 @@ pub async fn add(env: &CniEnv, conf: &NetConf) -> CniResult<Value> {
         host.delete_link(&host_name).await.map_err(setup_failed)?;
     }
     let request = AllocationRequest {
+        network: conf.name.clone(),
         container_id: env.container_id.clone(),
         ifname: env.ifname.clone(),
         netns: Some(env.netns.clone()),
@@ -165,6 +168,10 @@ pub async fn add(env: &CniEnv, conf: &NetConf) -> CniResult<Value> {
     let (alloc, created) = agent.allocate(&request).await?;
     let attempt = async {
         let p = plan(&alloc, conf)?;
+        // The node's own entry for a reused address may still name the previous pod.
+        host.forget_neighbour(bridge.index, p.address.0)
+            .await
+            .map_err(setup_failed)?;
         if !repeat {
             attach::create_veth(&host, &host_name, &env.ifname, &ns_file, p.mtu).await?;
         }
@@ -180,6 +187,25 @@ pub async fn add(env: &CniEnv, conf: &NetConf) -> CniResult<Value> {
             })?;
         attach::attach_host_end(&host, host_end.index, bridge.index).await?;
         let pod_end = attach::configure_pod_end(&pod, &env.ifname, p.address, &p.routes).await?;
+        if let Ok(mac) = <[u8; 6]>::try_from(pod_end.mac.as_slice()) {
+            // Not fatal: the pod works; only caches holding a previous pod's MAC for this
+            // address stay wrong until they expire.
+            if let Err(e) = announce::announce(
+                &host,
+                &host_name,
+                Path::new(&env.netns),
+                pod_end.index,
+                mac,
+                p.address.0,
+            )
+            .await
+            {
+                eprintln!(
+                    "mesh-cni: could not announce {} (gratuitous ARP): {e}",
+                    p.address.0
+                );
+            }
+        }
         Ok::<_, CniError>(output(conf, env, &bridge, &host_end, &pod_end, &p))
     };
     match attempt.await {
@@ -207,6 +233,20 @@ pub async fn del(env: &CniEnv, conf: &NetConf) -> CniResult<()> {
     host.delete_link(&host_veth_name(&env.container_id, &env.ifname))
         .await
         .map_err(setup_failed)?;
+    let agent = agent(conf);
+    // The node forgets the pod's MAC with its address: whoever gets the address next is
+    // reachable from the node at once. (Best effort: an agent that is down fails the
+    // release below with the error that matters.)
+    if let Ok(Some(held)) = agent.allocation(&env.container_id, &env.ifname).await {
+        if let (Some((ip, _)), Ok(Some(bridge))) = (
+            parse_cidr(&held.address),
+            host.link_by_name(&conf.bridge).await,
+        ) {
+            host.forget_neighbour(bridge.index, ip)
+                .await
+                .map_err(setup_failed)?;
+        }
+    }
     // A gone or empty netns means its interfaces are gone too (spec: DEL succeeds then).
     if !env.netns.is_empty() && netns::open(Path::new(&env.netns)).is_ok() {
         if let Ok(pod) = Netlink::connect_in(Path::new(&env.netns)) {
@@ -217,7 +257,7 @@ pub async fn del(env: &CniEnv, conf: &NetConf) -> CniResult<()> {
             }
         }
     }
-    agent(conf).release(&env.container_id, &env.ifname).await
+    agent.release(&env.container_id, &env.ifname).await
 }
 
 fn drift(msg: impl Into<String>) -> CniError {
@@ -337,7 +377,17 @@ pub async fn check(env: &CniEnv, conf: &NetConf) -> CniResult<()> {
 }
 
 pub async fn gc(conf: &NetConf) -> CniResult<()> {
-    let released = agent(conf).gc(&conf.valid_attachments).await?;
+    // Without the runtime's list every allocation would look stale: releasing them all
+    // would hand live pods' addresses out again.
+    let valid = conf.valid_attachments.as_deref().ok_or_else(|| {
+        CniError::new(
+            INVALID_CONFIG,
+            "GC needs cni.dev/valid-attachments (the runtime's list of live attachments); \
+             without it nothing is released",
+        )
+    })?;
+    let agent = agent(conf);
+    let released = agent.gc(valid).await?;
     for a in &released.released {
         eprintln!(
             "mesh-cni GC: released {} of {} / {}",
@@ -345,11 +395,17 @@ pub async fn gc(conf: &NetConf) -> CniResult<()> {
         );
     }
     // Host ends whose attachment the runtime no longer lists (their pod namespace is
-    // normally gone, which removes them; this catches the ones something kept alive).
-    let keep: BTreeSet<String> = conf
-        .valid_attachments
+    // normally gone, which removes them; this catches the ones something kept alive) —
+    // but never one whose attachment still holds an address, in this network or another
+    // (a GC of one network must not cut another's pods).
+    let held = agent.allocations().await?;
+    let keep: BTreeSet<String> = valid
         .iter()
         .map(|(c, i)| host_veth_name(c, i))
+        .chain(
+            held.iter()
+                .map(|a| host_veth_name(&a.container_id, &a.ifname)),
+        )
         .collect();
     let host = Netlink::connect().map_err(setup_failed)?;
     let mut failures = Vec::new();

@@ -28,7 +28,9 @@ pub struct NetConf {
     pub dns: Option<Value>,
     pub prev_result: Option<Value>,
     /// GC: attachments the runtime still uses.
-    pub valid_attachments: Vec<(String, String)>,
+    /// The attachments a GC must keep; `None` when the runtime sent no list (then a GC
+    /// refuses instead of releasing everything).
+    pub valid_attachments: Option<Vec<(String, String)>>,
 }
 
 /// `(major, minor, patch)` of a version string, if it is one.
@@ -169,9 +171,10 @@ pub fn parse(stdin: &[u8]) -> CniResult<NetConf> {
     };
     // libcni sends both names (spec 1.1.0 said cni.dev/attachments; the text says
     // cni.dev/valid-attachments).
-    let mut valid_attachments = Vec::new();
+    let mut valid_attachments: Option<Vec<(String, String)>> = None;
     for key in ["cni.dev/valid-attachments", "cni.dev/attachments"] {
         let Some(v) = m.get(key) else { continue };
+        let valid_attachments = valid_attachments.get_or_insert_with(Vec::new);
         let list = v
             .as_array()
             .ok_or_else(|| invalid(format!("{key} must be a list")))?;
@@ -190,8 +193,10 @@ pub fn parse(stdin: &[u8]) -> CniResult<NetConf> {
             }
         }
     }
-    valid_attachments.sort();
-    valid_attachments.dedup();
+    if let Some(v) = valid_attachments.as_mut() {
+        v.sort();
+        v.dedup();
+    }
     Ok(NetConf {
         cni_version,
         name,
@@ -262,7 +267,7 @@ mod tests {
                 "cni.dev/attachments":[{"containerID":"a","ifname":"eth0"},{"containerID":"b","ifname":"eth0"}]}"#,
         )
         .unwrap();
-        assert_eq!(c.valid_attachments.len(), 2);
+        assert_eq!(c.valid_attachments.map(|v| v.len()), Some(2));
     }
 
     #[test]

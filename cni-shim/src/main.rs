@@ -4,6 +4,7 @@
 //! per call: a single-threaded runtime, no daemon state of its own.
 
 mod agent;
+mod announce;
 mod attach;
 mod commands;
 mod conf;

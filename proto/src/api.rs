@@ -167,6 +167,10 @@ pub struct ErrorBody {
 /// `POST /v1/allocations`.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct AllocationRequest {
+    /// The CNI network name (`name` in the network configuration). Absent from older
+    /// plugins: then the allocation is not scoped to a network.
+    #[serde(default)]
+    pub network: String,
     pub container_id: String,
     pub ifname: String,
     #[serde(default)]
@@ -199,6 +203,8 @@ pub struct AllocationResponse {
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct AllocationView {
+    #[serde(default)]
+    pub network: String,
     pub container_id: String,
     pub ifname: String,
     pub address: String,
@@ -221,6 +227,10 @@ pub struct AttachmentRef {
 /// `POST /v1/allocations/gc`: everything not listed is released.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct GcRequest {
+    /// The network being collected: only its allocations (and those from before
+    /// allocations carried a network name) are considered. Empty: every allocation.
+    #[serde(default)]
+    pub network: String,
     pub valid: Vec<AttachmentRef>,
 }
 

@@ -184,13 +184,27 @@ pub fn metrics(netns: &str) -> Result<Vec<(String, f64)>> {
 
 /// One HTTP GET on a unix socket (the agent's local API), returning the JSON body.
 pub fn agent_get(socket: &std::path::Path, path: &str) -> Result<serde_json::Value> {
+    agent_request(socket, "GET", path, None)
+}
+
+/// One HTTP request with an optional JSON body on the agent's local API; the JSON answer
+/// (`null` for an empty one) of a 2xx, an error naming the status otherwise.
+pub fn agent_request(
+    socket: &std::path::Path,
+    method: &str,
+    path: &str,
+    body: Option<&serde_json::Value>,
+) -> Result<serde_json::Value> {
     use std::io::{Read, Write};
     let mut s = std::os::unix::net::UnixStream::connect(socket)
         .with_context(|| format!("connect {}", socket.display()))?;
-    s.set_read_timeout(Some(Duration::from_secs(5)))?;
+    s.set_read_timeout(Some(Duration::from_secs(20)))?;
+    let body = body.map(|b| b.to_string()).unwrap_or_default();
     write!(
         s,
-        "GET {path} HTTP/1.1\r\nHost: mesh\r\nConnection: close\r\n\r\n"
+        "{method} {path} HTTP/1.1\r\nHost: mesh\r\nConnection: close\r\n\
+         Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
     )?;
     let mut raw = Vec::new();
     s.read_to_end(&mut raw)?;
@@ -198,10 +212,14 @@ pub fn agent_get(socket: &std::path::Path, path: &str) -> Result<serde_json::Val
     let (head, body) = text.split_once("\r\n\r\n").context("no HTTP body")?;
     if !head.starts_with("HTTP/1.1 2") {
         return Err(anyhow!(
-            "{path}: {}",
-            head.lines().next().unwrap_or_default()
+            "{method} {path}: {} {}",
+            head.lines().next().unwrap_or_default(),
+            body.trim()
         ));
     }
     // The agent answers with a fixed length; chunked bodies would need decoding.
+    if body.trim().is_empty() {
+        return Ok(serde_json::Value::Null);
+    }
     Ok(serde_json::from_str(body.trim())?)
 }

@@ -498,6 +498,33 @@ fn gc_releases_unlisted(tb: &mut Testbed) -> Result<()> {
         .map(|x| json!({"containerID": x.attachment.container_id, "ifname": x.attachment.ifname}))
         .collect();
     let socket = tb.nodes[NODE].socket.display().to_string();
+    let before = tb.allocations(NODE)?;
+    // A GC without the runtime's list must not read as "nothing is valid" (before the fix
+    // it released every pod's address).
+    let no_list =
+        json!({"cniVersion": "1.1.0", "name": "mesh", "type": "mesh-cni", "agentSocket": socket});
+    let call = raw_call(tb, "GC", None, &no_list.to_string())?;
+    ensure!(
+        !call.ok(),
+        "GC without cni.dev/valid-attachments succeeded: {call}"
+    );
+    ensure!(
+        call.code() == Some(7),
+        "GC without a list: expected error code 7, got {call}"
+    );
+    ensure!(
+        tb.allocations(NODE)? == before,
+        "GC without a list changed the allocations"
+    );
+    // A GC of another network (same agent) lists none of ours and must release none of them.
+    let other = json!({"cniVersion": "1.1.0", "name": "other-net", "type": "mesh-cni", "agentSocket": socket,
+                       "cni.dev/valid-attachments": []});
+    let call = raw_call(tb, "GC", None, &other.to_string())?;
+    ensure!(call.ok(), "GC of another network failed: {call}");
+    ensure!(
+        tb.allocations(NODE)? == before,
+        "GC of network other-net released allocations of network mesh"
+    );
     let conf = json!({"cniVersion": "1.1.0", "name": "mesh", "type": "mesh-cni", "agentSocket": socket,
                       "cni.dev/valid-attachments": valid});
     let call = raw_call(tb, "GC", None, &conf.to_string())?;

@@ -155,11 +155,18 @@ async fn post_allocation(State(s): State<ApiState>, body: Bytes) -> Response {
     }
 }
 
+#[derive(serde::Deserialize)]
+struct NetworkQuery {
+    network: Option<String>,
+}
+
 async fn delete_allocation(
     State(s): State<ApiState>,
     UrlPath((container_id, ifname)): UrlPath<(String, String)>,
+    Query(q): Query<NetworkQuery>,
 ) -> Response {
     let key = AttachmentKey {
+        network: q.network.unwrap_or_default(),
         container_id,
         ifname,
     };
@@ -220,6 +227,7 @@ async fn gc_allocations(State(s): State<ApiState>, body: Bytes) -> Response {
     match ask(
         &s,
         |reply| ApiRequest::Gc {
+            network: req.network,
             valid: req.valid,
             reply,
         },

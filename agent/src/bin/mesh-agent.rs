@@ -3,10 +3,13 @@
 use std::process::ExitCode;
 
 use clap::Parser;
-use mesh_agent::config::AgentConfig;
+use mesh_agent::config::{AgentCommand, AgentConfig, StoreCommand};
 
 fn main() -> ExitCode {
     let cfg = AgentConfig::parse();
+    if let Some(AgentCommand::Store(cmd)) = &cfg.command {
+        return store_command(&cfg, cmd);
+    }
     let filter = tracing_subscriber::EnvFilter::try_new(&cfg.log)
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
@@ -31,6 +34,34 @@ fn main() -> ExitCode {
         Err(e) => {
             tracing::error!("{e:#}");
             eprintln!("mesh-agent: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// `mesh-agent store inspect|repair`: synchronous, no runtime, no logging setup needed.
+fn store_command(cfg: &AgentConfig, cmd: &StoreCommand) -> ExitCode {
+    let dir = &cfg.state_dir;
+    if let StoreCommand::Repair { discard } = cmd {
+        match mesh_agent::store::repair(dir, discard) {
+            Ok(done) => done.iter().for_each(|d| println!("{d}")),
+            Err(e) => {
+                eprintln!("mesh-agent store repair: {e}");
+                return ExitCode::FAILURE;
+            }
+        }
+    }
+    match mesh_agent::store::inspect(dir) {
+        Ok(ins) => {
+            print!("{}", ins.render());
+            if ins.findings.is_empty() {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            }
+        }
+        Err(e) => {
+            eprintln!("mesh-agent store inspect: {e}");
             ExitCode::FAILURE
         }
     }

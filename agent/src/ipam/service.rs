@@ -68,6 +68,7 @@ pub type Sends = Vec<(PeerId, IpamMessage)>;
 
 fn key_of(r: &AllocationRequest) -> AttachmentKey {
     AttachmentKey {
+        network: r.network.clone(),
         container_id: r.container_id.clone(),
         ifname: r.ifname.clone(),
     }
@@ -75,6 +76,7 @@ fn key_of(r: &AllocationRequest) -> AttachmentKey {
 
 fn view(a: &Allocation, prefix: u8) -> AllocationView {
     AllocationView {
+        network: a.key.network.clone(),
         container_id: a.key.container_id.clone(),
         ifname: a.key.ifname.clone(),
         address: format!("{}/{prefix}", Ipv4Addr::from(a.addr)),
@@ -97,7 +99,11 @@ impl IpamService {
     ) -> Result<IpamService, StoreError> {
         let range_text = cfg.range.to_string();
         let restored = store.load_ipam(&range_text)?;
-        let core = IpamCore::new(cfg, me, name, restored, now);
+        let core =
+            IpamCore::new(cfg, me, name, restored, now).map_err(|e| StoreError::Refused {
+                path: store.path().to_path_buf(),
+                reason: e.to_string(),
+            })?;
         Ok(IpamService {
             core,
             store,
@@ -382,21 +388,23 @@ impl IpamService {
             .collect()
     }
 
-    /// Releases everything not in `valid` (the gateway is kept).
-    pub fn gc(&mut self, valid: Vec<AttachmentRef>) -> Result<Vec<AllocationView>, StoreError> {
-        let valid: BTreeSet<AttachmentKey> = valid
+    /// Releases every allocation of `network` not in `valid` (the gateway is kept).
+    pub fn gc(
+        &mut self,
+        network: &str,
+        valid: Vec<AttachmentRef>,
+    ) -> Result<Vec<AllocationView>, StoreError> {
+        let valid: BTreeSet<(String, String)> = valid
             .into_iter()
-            .map(|r| AttachmentKey {
-                container_id: r.container_id,
-                ifname: r.ifname,
-            })
+            .map(|r| (r.container_id, r.ifname))
             .collect();
+        let gw = gateway_key();
         let stale: Vec<Allocation> = self
             .core
             .allocations()
-            .iter()
-            .filter(|a| a.key != gateway_key() && !valid.contains(&a.key))
-            .cloned()
+            .stale_in(network, &valid)
+            .into_iter()
+            .filter(|a| a.key != gw)
             .collect();
         let prefix = self.core.ring().range().prefix;
         let mut released = Vec::new();

@@ -47,6 +47,7 @@ pub enum ApiRequest {
     },
     ListAllocations(oneshot::Sender<Vec<AllocationView>>),
     Gc {
+        network: String,
         valid: Vec<AttachmentRef>,
         reply: oneshot::Sender<Result<Vec<AllocationView>, ApiFailure>>,
     },

@@ -14,6 +14,7 @@ use netlink_packet_route::link::{
     AfSpecInet, AfSpecInet6, AfSpecUnspec, In6AddrGenMode, InetDevConf,
 };
 use netlink_packet_route::link::{InfoKind, LinkAttribute, LinkFlags, LinkInfo, LinkMessage};
+use netlink_packet_route::neighbour::{NeighbourAddress, NeighbourAttribute, NeighbourMessage};
 use netlink_packet_route::neighbour_table::{
     NeighbourTableAttribute, NeighbourTableMessage, NeighbourTableParameter,
 };
@@ -68,6 +69,9 @@ pub struct Link {
     pub index: u32,
     pub name: String,
     pub up: bool,
+    /// RFC 2863 operational state is up: the kernel has seen the carrier (for a bridge
+    /// port, it has been enabled).
+    pub oper_up: bool,
     pub mtu: u32,
     pub mac: Vec<u8>,
     /// `bridge`, `veth`, … (None for plain devices such as `lo`).
@@ -84,6 +88,7 @@ impl Link {
             index: m.header.index,
             name: String::new(),
             up: m.header.flags.contains(LinkFlags::Up),
+            oper_up: false,
             mtu: 0,
             mac: Vec::new(),
             kind: None,
@@ -94,6 +99,9 @@ impl Link {
             match a {
                 LinkAttribute::IfName(n) => link.name = n.clone(),
                 LinkAttribute::Mtu(v) => link.mtu = *v,
+                LinkAttribute::OperState(s) => {
+                    link.oper_up = *s == netlink_packet_route::link::State::Up
+                }
                 LinkAttribute::Address(mac) => link.mac = mac.clone(),
                 LinkAttribute::Controller(c) => link.controller = Some(*c),
                 LinkAttribute::Link(i) => link.peer_index = Some(*i),
@@ -422,6 +430,33 @@ impl Netlink {
         conf.proxy_arp = 1;
         let spec = AfSpecUnspec::Inet(vec![AfSpecInet::DevConfRequest(conf)]);
         self.set_af_spec(index, spec, "enable proxy_arp").await
+    }
+
+    /// Turns on `net.ipv4.conf.DEV.arp_notify` through netlink: the kernel then sends a
+    /// gratuitous ARP when the link comes up (or its address changes), so neighbours that
+    /// cached another MAC for this address learn the new one at once.
+    pub async fn enable_arp_notify(&self, index: u32) -> Result<(), NetlinkError> {
+        let mut conf = InetDevConf::default();
+        conf.arp_notify = 1;
+        let spec = AfSpecUnspec::Inet(vec![AfSpecInet::DevConfRequest(conf)]);
+        self.set_af_spec(index, spec, "enable arp_notify").await
+    }
+
+    /// Drops the neighbour entry for `ip` on link `index`, if any, so the next packet to
+    /// `ip` asks afresh. Returns whether there was one.
+    pub async fn forget_neighbour(&self, index: u32, ip: Ipv4Addr) -> Result<bool, NetlinkError> {
+        let mut msg = NeighbourMessage::default();
+        msg.header.family = AddressFamily::Inet;
+        msg.header.ifindex = index;
+        msg.attributes
+            .push(NeighbourAttribute::Destination(NeighbourAddress::Inet(ip)));
+        match self.handle.neighbours().del(msg).execute().await {
+            Ok(()) => Ok(true),
+            Err(e) if matches!(errno(&e), Some(libc::ENOENT) | Some(libc::ESRCH)) => Ok(false),
+            Err(e) => Err(NetlinkError::request(format!(
+                "forget the neighbour entry of {ip} on link {index}"
+            ))(e)),
+        }
     }
 
     /// RTM_SETLINK with one IFLA_AF_SPEC entry (per-family device settings).

@@ -13,10 +13,11 @@ use super::{Store, StoreError};
 use crate::dataplane::Endpoint;
 use mesh_proto::PeerId;
 
-const ENDPOINTS: TableDefinition<u64, &[u8]> = TableDefinition::new("dataplane_endpoints");
+pub(super) const ENDPOINTS: TableDefinition<u64, &[u8]> =
+    TableDefinition::new("dataplane_endpoints");
 
 #[derive(Serialize, Deserialize)]
-struct StoredEndpoint {
+pub(super) struct StoredEndpoint {
     name: String,
     underlay: [u8; 4],
     port: u16,

@@ -5,12 +5,12 @@ use redb::{ReadableDatabase, ReadableTable, TableDefinition};
 use super::{Store, StoreError};
 use mesh_proto::PeerId;
 
-const IDENTITY: TableDefinition<&str, &[u8]> = TableDefinition::new("identity");
+pub(super) const IDENTITY: TableDefinition<&str, &[u8]> = TableDefinition::new("identity");
 
-const KEY_PEER_ID: &str = "peer_id";
-const KEY_INCARNATION: &str = "incarnation";
-const KEY_NODE_KEY: &str = "node_key_pkcs8";
-const KEY_NODE_NAME: &str = "node_name";
+pub(super) const KEY_PEER_ID: &str = "peer_id";
+pub(super) const KEY_INCARNATION: &str = "incarnation";
+pub(super) const KEY_NODE_KEY: &str = "node_key_pkcs8";
+pub(super) const KEY_NODE_NAME: &str = "node_name";
 
 #[derive(Clone, Debug)]
 pub struct Identity {

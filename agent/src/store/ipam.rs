@@ -13,25 +13,67 @@ use crate::ipam::core::{IpamWrite, Restored};
 use crate::ipam::paxos::AcceptorState;
 use mesh_proto::ipam::RingEntry;
 
-const IPAM: TableDefinition<&str, &[u8]> = TableDefinition::new("ipam");
-const ALLOCATIONS: TableDefinition<&str, &[u8]> = TableDefinition::new("allocations");
+pub(super) const IPAM: TableDefinition<&str, &[u8]> = TableDefinition::new("ipam");
+pub(super) const ALLOCATIONS: TableDefinition<&str, &[u8]> = TableDefinition::new("allocations");
 
-const KEY_RING: &str = "ring";
-const KEY_ACCEPTOR: &str = "acceptor";
-const KEY_RANGE: &str = "range";
+pub(super) const KEY_RING: &str = "ring";
+pub(super) const KEY_ACCEPTOR: &str = "acceptor";
+pub(super) const KEY_RANGE: &str = "range";
+pub(super) const KEY_LAST: &str = "last_allocated";
 
+/// Schema 2.
 #[derive(Serialize, Deserialize)]
-struct StoredAllocation {
-    container_id: String,
-    ifname: String,
-    addr: u32,
-    pod: Option<(String, String)>,
-    netns: Option<String>,
+pub(super) struct StoredAllocation {
+    pub(super) network: String,
+    pub(super) container_id: String,
+    pub(super) ifname: String,
+    pub(super) addr: u32,
+    pub(super) pod: Option<(String, String)>,
+    pub(super) netns: Option<String>,
+}
+
+/// Schema 1 (before allocations carried their network name).
+#[derive(Serialize, Deserialize)]
+pub(super) struct StoredAllocationV1 {
+    pub(super) container_id: String,
+    pub(super) ifname: String,
+    pub(super) addr: u32,
+    pub(super) pod: Option<(String, String)>,
+    pub(super) netns: Option<String>,
 }
 
 fn alloc_key(k: &AttachmentKey) -> String {
-    // NUL cannot appear in a container id or interface name given through CNI.
-    format!("{}\0{}", k.container_id, k.ifname)
+    // NUL cannot appear in a network name, container id or interface name given through CNI.
+    format!("{}\0{}\0{}", k.network, k.container_id, k.ifname)
+}
+
+/// Rewrites schema-1 allocations as schema 2 (network unknown: empty), inside the
+/// caller's transaction. A row that does not decode stops the migration (nothing is
+/// written) rather than being dropped.
+pub(super) fn migrate_allocations_v1(tx: &redb::WriteTransaction) -> Result<(), StoreError> {
+    let mut table = tx.open_table(ALLOCATIONS)?;
+    let mut rows = Vec::new();
+    for row in table.iter()? {
+        let (k, v) = row?;
+        let old: StoredAllocationV1 =
+            postcard::from_bytes(v.value()).map_err(corrupt("allocation (schema 1)"))?;
+        rows.push((k.value().to_string(), old));
+    }
+    for (old_key, old) in rows {
+        table.remove(old_key.as_str())?;
+        let new = StoredAllocation {
+            network: String::new(),
+            container_id: old.container_id,
+            ifname: old.ifname,
+            addr: old.addr,
+            pod: old.pod,
+            netns: old.netns,
+        };
+        let key = format!("\0{}\0{}", new.container_id, new.ifname);
+        let bytes = postcard::to_allocvec(&new).map_err(corrupt("allocation"))?;
+        table.insert(key.as_str(), bytes.as_slice())?;
+    }
+    Ok(())
 }
 
 fn corrupt(what: &'static str) -> impl Fn(postcard::Error) -> StoreError {
@@ -47,7 +89,7 @@ impl Store {
     pub fn load_ipam(&self, range: &str) -> Result<Restored, StoreError> {
         let tx = self.db.begin_read()?;
         let mut restored = Restored::default();
-        if let Ok(t) = tx.open_table(IPAM) {
+        if let Some(t) = self.read_table(&tx, IPAM)? {
             if let Some(stored) = t.get(KEY_RANGE)? {
                 let stored = String::from_utf8_lossy(stored.value()).into_owned();
                 if stored != range {
@@ -65,14 +107,22 @@ impl Store {
                 restored.acceptor = postcard::from_bytes::<AcceptorState>(v.value())
                     .map_err(corrupt("Paxos state"))?;
             }
+            if let Some(v) = t.get(KEY_LAST)? {
+                let bytes: [u8; 4] = v.value().try_into().map_err(|_| StoreError::Corrupt {
+                    what: "allocation cursor",
+                    detail: format!("{} bytes, expected 4", v.value().len()),
+                })?;
+                restored.last_allocated = Some(u32::from_be_bytes(bytes));
+            }
         }
-        if let Ok(t) = tx.open_table(ALLOCATIONS) {
+        if let Some(t) = self.read_table(&tx, ALLOCATIONS)? {
             for row in t.iter()? {
                 let (_, v) = row?;
                 let s: StoredAllocation =
                     postcard::from_bytes(v.value()).map_err(corrupt("allocation"))?;
                 restored.allocations.push(Allocation {
                     key: AttachmentKey {
+                        network: s.network,
                         container_id: s.container_id,
                         ifname: s.ifname,
                     },
@@ -107,6 +157,7 @@ impl Store {
                     }
                     IpamWrite::Allocate(a) => {
                         let s = StoredAllocation {
+                            network: a.key.network.clone(),
                             container_id: a.key.container_id.clone(),
                             ifname: a.key.ifname.clone(),
                             addr: a.addr,
@@ -115,6 +166,7 @@ impl Store {
                         };
                         let bytes = postcard::to_allocvec(&s).map_err(corrupt("allocation"))?;
                         allocs.insert(alloc_key(&a.key).as_str(), bytes.as_slice())?;
+                        meta.insert(KEY_LAST, a.addr.to_be_bytes().as_slice())?;
                     }
                     IpamWrite::Release(k) => {
                         allocs.remove(alloc_key(k).as_str())?;
@@ -136,6 +188,7 @@ mod tests {
     fn ipam_state_round_trips_and_range_is_checked() {
         let dir = tempfile::tempdir().unwrap();
         let key = AttachmentKey {
+            network: "mesh".into(),
             container_id: "c1".into(),
             ifname: "eth0".into(),
         };

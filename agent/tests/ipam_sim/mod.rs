@@ -25,6 +25,7 @@ pub struct Store {
     pub ring: Vec<RingEntry>,
     pub acceptor: AcceptorState,
     pub allocations: BTreeMap<AttachmentKey, Allocation>,
+    pub last_allocated: Option<u32>,
 }
 
 pub struct Node {
@@ -151,6 +152,7 @@ impl Sim {
             ring: st.ring,
             acceptor: st.acceptor,
             allocations: st.allocations.into_values().collect(),
+            last_allocated: st.last_allocated,
         };
         let mut cfg = self.cfg.clone();
         cfg.seed = self.seed ^ i as u64;
@@ -160,7 +162,8 @@ impl Sim {
             &format!("node-{i}"),
             restored,
             self.at(self.now_ms),
-        );
+        )
+        .expect("a consistent restored state");
         self.nodes[i].core = Some(core);
         self.nodes[i].generation += 1;
         self.nodes[i].timer_at = None;
@@ -248,6 +251,7 @@ impl Sim {
             IpamWrite::Ring(entries) => st.ring = entries,
             IpamWrite::Acceptor(a) => st.acceptor = a,
             IpamWrite::Allocate(a) => {
+                st.last_allocated = Some(a.addr);
                 st.allocations.insert(a.key.clone(), a);
             }
             IpamWrite::Release(k) => {
@@ -409,6 +413,7 @@ impl Sim {
 
 pub fn key(n: u32) -> AttachmentKey {
     AttachmentKey {
+        network: "mesh".into(),
         container_id: format!("c{n}"),
         ifname: "eth0".into(),
     }

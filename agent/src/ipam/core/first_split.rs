@@ -150,7 +150,8 @@ mod tests {
             "n1",
             Restored::default(),
             t0,
-        );
+        )
+        .expect("a consistent restored state");
         a.handle(
             t0,
             IpamInput::Topology {
@@ -197,7 +198,8 @@ mod tests {
             "n2",
             Restored::default(),
             t0,
-        );
+        )
+        .expect("a consistent restored state");
         assert!(b.split_elected(t0).0.is_err());
     }
 }

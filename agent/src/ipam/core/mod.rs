@@ -33,7 +33,7 @@ use first_split::seed_hash;
 pub use reclaim::{ReclaimMode, ReclaimStart};
 pub use types::{
     AllocateError, InitMode, IpamConfig, IpamEvent, IpamInput, IpamOutput, IpamWrite, PeerInfo,
-    Restored,
+    RestoreError, Restored,
 };
 
 /// The key under which the node's gateway (bridge) address is reserved.
@@ -81,16 +81,30 @@ impl IpamCore {
         my_name: &str,
         restored: Restored,
         now: Instant,
-    ) -> IpamCore {
+    ) -> Result<IpamCore, RestoreError> {
+        // Our own store: entries were validated before they were written, so anything
+        // refused now means the store is damaged or not ours — never start on a guess.
         let mut ring = RangeRing::new(cfg.range, cfg.min_prefix);
         for e in &restored.ring {
-            // Our own store: entries were validated before they were written.
-            let _ = ring.merge(e);
+            ring.merge(e).map_err(|source| RestoreError::RingEntry {
+                entry: format!("{:#x}/{} of {} v{}", e.start, e.prefix, e.owner, e.version),
+                source,
+            })?;
         }
         let mut allocs = AllocationTable::default();
         for a in restored.allocations {
-            allocs.restore(a);
+            let what = format!(
+                "{} for {}/{}/{}",
+                std::net::Ipv4Addr::from(a.addr),
+                a.key.network,
+                a.key.container_id,
+                a.key.ifname
+            );
+            if !allocs.restore(a) {
+                return Err(RestoreError::DuplicateAllocation(what));
+            }
         }
+        allocs.restore_last(restored.last_allocated);
         let paxos = match cfg.init {
             InitMode::Consensus(n) => Some(Paxos::new(me, n.max(1), restored.acceptor)),
             InitMode::Seed(_) | InitMode::Elected => None,
@@ -106,7 +120,7 @@ impl IpamCore {
                 consensus_mismatch: None,
             },
         );
-        IpamCore {
+        Ok(IpamCore {
             rng: StdRng::seed_from_u64(cfg.seed ^ me.0),
             next_anti_entropy: now + cfg.anti_entropy_interval,
             next_proposal: now,
@@ -123,7 +137,7 @@ impl IpamCore {
             denied: BTreeMap::new(),
             reclaims: Vec::new(),
             out: Vec::new(),
-        }
+        })
     }
 
     pub fn ring(&self) -> &RangeRing {
@@ -569,9 +583,10 @@ impl IpamCore {
         } else {
             self.allocs.release(key)
         };
-        if gone.is_some() {
+        if let Some(a) = &gone {
+            // The key it was held under (it may predate network names).
             self.out
-                .push(IpamOutput::Persist(IpamWrite::Release(key.clone())));
+                .push(IpamOutput::Persist(IpamWrite::Release(a.key.clone())));
         }
         (gone, std::mem::take(&mut self.out))
     }
@@ -585,6 +600,7 @@ impl IpamCore {
 
 pub fn gateway_key() -> AttachmentKey {
     AttachmentKey {
+        network: String::new(),
         container_id: GATEWAY_CONTAINER.to_string(),
         ifname: "mesh0".to_string(),
     }

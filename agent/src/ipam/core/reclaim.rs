@@ -335,7 +335,8 @@ mod tests {
                 InitMode::Seed(vec!["a".into(), "b".into(), "c".into()]),
             );
             cfg.claim_space = claim;
-            let mut d = IpamCore::new(cfg, PeerId(4), "d", Restored::default(), t0);
+            let mut d = IpamCore::new(cfg, PeerId(4), "d", Restored::default(), t0)
+                .expect("a consistent restored state");
             let mut all = peers([true; 3]);
             all.push(PeerInfo {
                 id: PeerId(4),
@@ -373,7 +374,8 @@ mod tests {
             InitMode::Seed(vec!["a".into(), "b".into(), "c".into()]),
         );
         cfg.min_prefix = 28;
-        let mut b = IpamCore::new(cfg, PeerId(2), "b", Restored::default(), t0);
+        let mut b = IpamCore::new(cfg, PeerId(2), "b", Restored::default(), t0)
+            .expect("a consistent restored state");
         b.handle(
             t0,
             IpamInput::Topology {
@@ -421,14 +423,16 @@ mod tests {
             "a",
             Restored::default(),
             t0,
-        );
+        )
+        .expect("a consistent restored state");
         let mut b = IpamCore::new(
             IpamConfig::new(range, InitMode::Elected),
             PeerId(2),
             "b",
             Restored::default(),
             t0,
-        );
+        )
+        .expect("a consistent restored state");
         let two = |up_a: bool| {
             vec![
                 PeerInfo {

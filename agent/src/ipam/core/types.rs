@@ -158,4 +158,65 @@ pub struct Restored {
     pub ring: Vec<RingEntry>,
     pub acceptor: AcceptorState,
     pub allocations: Vec<Allocation>,
+    /// The address handed out last (the round-robin cursor).
+    pub last_allocated: Option<u32>,
+}
+
+/// A stored IPAM state that cannot be taken back as it is: the store is damaged or was
+/// written by something else. The agent refuses to start rather than guess.
+#[derive(Debug, thiserror::Error)]
+pub enum RestoreError {
+    #[error("the stored ring holds an entry that is not valid here ({entry}): {source}")]
+    RingEntry {
+        entry: String,
+        source: crate::ipam::ring::RingError,
+    },
+    #[error("the stored allocations give one address or attachment twice ({0})")]
+    DuplicateAllocation(String),
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Instant;
+
+    use super::*;
+    use crate::ipam::core::IpamCore;
+
+    fn alloc(c: &str, addr: u32) -> Allocation {
+        Allocation {
+            key: AttachmentKey {
+                network: "mesh".into(),
+                container_id: c.into(),
+                ifname: "eth0".into(),
+            },
+            addr,
+            pod: None,
+            netns: None,
+        }
+    }
+
+    #[test]
+    fn a_restored_state_that_contradicts_itself_is_refused() {
+        // Before: the second holder of an address, or a ring entry outside the range, was
+        // dropped without a word and the node started on what was left.
+        let cfg = IpamConfig::new("10.32.0.0/12".parse().unwrap(), InitMode::Elected);
+        let twice = Restored {
+            allocations: vec![alloc("a", 0x0a20_0005), alloc("b", 0x0a20_0005)],
+            ..Restored::default()
+        };
+        let e = IpamCore::new(cfg.clone(), PeerId(1), "n", twice, Instant::now())
+            .err()
+            .unwrap();
+        assert!(e.to_string().contains("10.32.0.5"), "{e}");
+        let outside = Restored {
+            ring: vec![RingEntry {
+                start: 0x0b00_0000,
+                prefix: 24,
+                owner: PeerId(1),
+                version: 1,
+            }],
+            ..Restored::default()
+        };
+        assert!(IpamCore::new(cfg, PeerId(1), "n", outside, Instant::now()).is_err());
+    }
 }

@@ -112,8 +112,12 @@ impl Driver {
             ApiRequest::ListAllocations(reply) => {
                 let _ = reply.send(self.ipam.list());
             }
-            ApiRequest::Gc { valid, reply } => {
-                let result = self.ipam.gc(valid);
+            ApiRequest::Gc {
+                network,
+                valid,
+                reply,
+            } => {
+                let result = self.ipam.gc(&network, valid);
                 let answer = result.as_ref().map(Clone::clone).map_err(store_failure);
                 let _ = reply.send(answer);
                 self.after_ipam(result.map(|_| Vec::new()), now);
