@@ -4,7 +4,7 @@
 #   scripts/build-image.sh [--tag TAG] [--out DIR] [--no-build]
 #
 #   DIR/mesh-TAG.oci.tar        localhost/mesh:TAG         what deploy/Containerfile builds: a
-#                                                          Debian bookworm rootfs with iptables
+#                                                          Debian bookworm rootfs with iptables and nft
 #                                                          (made by mmdebstrap) + mesh-agent,
 #                                                          meshctl, mesh-cni in /usr/local/bin;
 #                                                          entrypoint mesh-agent
@@ -46,7 +46,7 @@ done
 CACHE=${MESH_IMAGE_CACHE:-/var/cache/mesh-image}
 KUBE_BIN=${MESH_KUBE_CACHE:-/var/cache/mesh-kube}/bin
 SUITE=bookworm
-PACKAGES=iptables
+PACKAGES=iptables,nftables
 HOST=$(rustc -vV | sed -n 's/^host: //p')
 REL=target/$HOST/release
 ARCH=$(dpkg --print-architecture)   # the OCI name of this machine's architecture (amd64, arm64)

@@ -23,6 +23,8 @@ command -v pkg-config >/dev/null 2>&1 || need+=(pkg-config)
 command -v ip >/dev/null 2>&1 || need+=(iproute2)
 command -v ping >/dev/null 2>&1 || need+=(iputils-ping)
 command -v iptables >/dev/null 2>&1 || need+=(iptables)
+# nft: each agent keeps its overlay guard (who may send VXLAN) in an nftables table.
+command -v nft >/dev/null 2>&1 || need+=(nftables)
 # setpriv + sysctl: the kube test runs an agent with only the DaemonSet's capabilities.
 command -v setpriv >/dev/null 2>&1 || need+=(util-linux)
 command -v sysctl >/dev/null 2>&1 || need+=(procps)

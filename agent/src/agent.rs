@@ -321,6 +321,7 @@ pub async fn run(cfg: AgentConfig) -> Result<()> {
 /// its routes, the bridge) and exits; durable state in --state-dir is left alone.
 async fn uninstall(cfg: &AgentConfig) -> Result<()> {
     dataplane::masquerade::remove();
+    dataplane::guard::remove();
     let nl = Netlink::connect().context("cannot open netlink (needs root)")?;
     for name in [vxlan::DEVICE, cfg.bridge.as_str()] {
         match nl.delete_link(name).await {

@@ -324,6 +324,19 @@ impl Testbed {
         Ok(netns)
     }
 
+    /// The external host `name` at `ip`, made on first use (cases share it).
+    pub fn external_host(&mut self, name: &str, ip: Ipv4Addr) -> Result<String> {
+        let suffix = format!("-{name}");
+        match self
+            .leftover_namespaces()
+            .into_iter()
+            .find(|n| n.ends_with(&suffix))
+        {
+            Some(ns) => Ok(ns),
+            None => self.add_external(name, ip),
+        }
+    }
+
     /// Takes node `i`'s link to the underlay down (a partition) or back up.
     pub fn set_underlay_link(&self, i: usize, up: bool) -> Result<()> {
         let ul_end = format!("{}{}", self.prefix, self.nodes[i].name);

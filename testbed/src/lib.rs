@@ -12,6 +12,7 @@ pub mod chaos;
 pub mod checks;
 pub mod cluster;
 pub mod cni;
+pub mod forge;
 pub mod gate;
 pub mod kube;
 pub mod measure;

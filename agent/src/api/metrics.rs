@@ -153,7 +153,7 @@ impl Metrics {
         let forwarder_dropped = Family::<ReasonLabel, Counter>::default();
         registry.register(
             "forwarder_dropped",
-            "udp backend: packets dropped: no_route, not_ipv4, foreign (not from a mesh node), malformed",
+            "udp backend: packets dropped: no_route, not_ipv4, foreign (not from a mesh node), spoofed_source (inner source not the sending node's), malformed",
             forwarder_dropped.clone(),
         );
         let forwarder_errors = Counter::default();

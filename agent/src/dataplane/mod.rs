@@ -4,6 +4,7 @@
 //! routes, and they keep them while they own the blocks — a peer that is merely suspected
 //! (a gossip flap) keeps its routes; a peer that is reclaimed or removed loses them.
 
+pub mod guard;
 pub mod masquerade;
 pub mod udp;
 pub mod vxlan;
@@ -24,39 +25,103 @@ pub const UDP: &str = "udp";
 /// behind our back).
 const RECONCILE_EVERY: std::time::Duration = std::time::Duration::from_secs(1);
 
+/// How long a round waits for `nft`/`iptables` before reporting them stuck.
+const FIREWALL_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
+
+type FirewallUpdate = tokio::task::JoinHandle<((guard::Keeper, masquerade::Keeper), Vec<String>)>;
+
 /// What the two backends' reconcile loops share: keeping the egress rules, telling the
 /// driver what is wrong (and the log, once per change), waiting for the next round.
 pub(crate) struct Rounds {
     device: &'static str,
     range: Block,
     masquerade: bool,
-    egress: masquerade::Keeper,
+    port: u16,
+    decap_device: Option<&'static str>,
+    /// The guard's and the egress rules' keepers, away while a firewall update runs.
+    keepers: Option<(guard::Keeper, masquerade::Keeper)>,
+    /// A firewall update that outlived `FIREWALL_WAIT`, and since when.
+    firewall: Option<(std::time::Instant, FirewallUpdate)>,
     last: Option<String>,
     status: tokio::sync::watch::Sender<Option<String>>,
 }
 
 impl Rounds {
+    /// `port`: the VXLAN port the guard admits members to; `decap_device`: the kernel
+    /// device whose decapsulated packets the guard checks (none for userspace).
     pub fn new(
         device: &'static str,
         range: Block,
         masquerade: bool,
+        port: u16,
+        decap_device: Option<&'static str>,
         status: tokio::sync::watch::Sender<Option<String>>,
     ) -> Rounds {
         Rounds {
             device,
             range,
             masquerade,
-            egress: masquerade::Keeper::default(),
+            port,
+            decap_device,
+            keepers: Some(Default::default()),
+            firewall: None,
             last: None,
             status,
         }
     }
 
-    /// Ends a round: egress rules, then `problem` (or none) published.
-    pub fn finish(&mut self, mut problem: Option<String>, want: &Desired) {
-        if self.masquerade {
-            if let Err(e) = self.egress.tick(self.range, &want.nodes) {
-                problem = Some(problem.map_or(e.clone(), |p| format!("{p}; {e}")));
+    /// Ends a round: the overlay guard and the egress rules (both run `nft`/`iptables`:
+    /// on a blocking thread, never on the runtime's two workers, waited for at most
+    /// `FIREWALL_WAIT`; one that hangs is reported and not started again until it
+    /// returns), then `problem` (or none) published.
+    pub async fn finish(&mut self, mut problem: Option<String>, want: &Desired) {
+        let mut add = |e: String| {
+            problem = Some(match problem.take() {
+                Some(p) => format!("{p}; {e}"),
+                None => e,
+            })
+        };
+        let running = match self.firewall.take() {
+            Some((since, handle)) if !handle.is_finished() => {
+                add(format!(
+                    "the firewall update (nft/iptables) has not returned for {:.0?}",
+                    since.elapsed()
+                ));
+                self.firewall = Some((since, handle));
+                None
+            }
+            Some((_, handle)) => Some(handle),
+            None => {
+                let spec = guard::GuardSpec::new(self.port, self.decap_device, want);
+                let (range, masquerade, nodes) = (self.range, self.masquerade, want.nodes.clone());
+                let mut keepers = self.keepers.take().unwrap_or_default();
+                Some(tokio::task::spawn_blocking(move || {
+                    let mut errors = Vec::new();
+                    if let Err(e) = keepers.0.tick(&spec) {
+                        errors.push(e);
+                    }
+                    if masquerade {
+                        if let Err(e) = keepers.1.tick(range, &nodes) {
+                            errors.push(e);
+                        }
+                    }
+                    (keepers, errors)
+                }))
+            }
+        };
+        if let Some(mut handle) = running {
+            match tokio::time::timeout(FIREWALL_WAIT, &mut handle).await {
+                Ok(Ok((keepers, errors))) => {
+                    self.keepers = Some(keepers);
+                    errors.into_iter().for_each(&mut add);
+                }
+                Ok(Err(e)) => add(format!("the firewall update failed: {e}")),
+                Err(_) => {
+                    add(format!(
+                        "the firewall update (nft/iptables) has not returned within {FIREWALL_WAIT:?}"
+                    ));
+                    self.firewall = Some((std::time::Instant::now(), handle));
+                }
             }
         }
         if problem != self.last {

@@ -4,6 +4,7 @@
 //! through the real mesh-cni. Cases that only make sense for one backend (the kernel keeps
 //! forwarding while its agent is stopped) are picked by the layout of the node they touch.
 
+mod forgery;
 mod lifecycle;
 mod traffic;
 
@@ -91,6 +92,10 @@ const CASES: &[(&str, suite::Case)] = &[
     (
         "a full-size packet crosses without fragmentation",
         traffic::full_size_packet,
+    ),
+    (
+        "forged VXLAN (from a pod to its gateway, from a non-member host, with another node's pod source) reaches no pod",
+        forgery::forged_vxlan_reaches_no_pod,
     ),
     (RESTART, lifecycle::agent_stop_keeps_traffic),
     (

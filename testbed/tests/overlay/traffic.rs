@@ -201,14 +201,7 @@ pub(super) fn underlay_is_vxlan(tb: &mut Testbed) -> Result<()> {
 
 pub(super) fn egress_masquerade(tb: &mut Testbed) -> Result<()> {
     let ext_ip = Ipv4Addr::new(192, 168, 77, 250);
-    let ext = match tb
-        .leftover_namespaces()
-        .into_iter()
-        .find(|n| n.ends_with("-ext"))
-    {
-        Some(ns) => ns,
-        None => tb.add_external("ext", ext_ip)?,
-    };
+    let ext = tb.external_host("ext", ext_ip)?;
     let pod = &tb.pods[0];
     let (pod_ns, pod_ip, node) = (pod.netns.clone(), pod.address.context("addr")?, pod.node);
     let node_ip = tb.nodes[node].underlay_ip;

@@ -97,6 +97,14 @@ const VIRTIO_F_NEEDS_CSUM: u8 = 1;
 const VIRTIO_GSO_TCPV4: u8 = 1;
 const VIRTIO_GSO_UDP_L4: u8 = 5;
 
+/// The source address of an inner IPv4 packet (`None` if it is not one).
+pub fn inner_source(ip: &[u8]) -> Option<std::net::Ipv4Addr> {
+    if ip.len() < 20 || ip[0] >> 4 != 4 {
+        return None;
+    }
+    Some(std::net::Ipv4Addr::new(ip[12], ip[13], ip[14], ip[15]))
+}
+
 /// The virtio-net header that hands a TCP or UDP super-packet to the TUN device for the
 /// kernel to segment into packets of at most `mtu` bytes (checksums left to it: the field
 /// holds the pseudo-header sum, as the sender's kernel left it). A kernel VXLAN peer on

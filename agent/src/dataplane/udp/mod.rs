@@ -288,7 +288,7 @@ pub async fn run(
     mut shutdown: watch::Receiver<bool>,
     metrics: Arc<Metrics>,
 ) {
-    let mut rounds = super::Rounds::new(DEVICE, cfg.range, cfg.masquerade, status);
+    let mut rounds = super::Rounds::new(DEVICE, cfg.range, cfg.masquerade, cfg.port, None, status);
     let mut forwarder: Option<Forwarder> = None;
     loop {
         let want = desired.borrow_and_update().clone();
@@ -318,7 +318,7 @@ pub async fn run(
                 problem = Some(e.to_string());
             }
         }
-        rounds.finish(problem, &want);
+        rounds.finish(problem, &want).await;
         if !super::Rounds::next(&mut desired, &mut shutdown).await {
             break;
         }

@@ -52,6 +52,24 @@ impl Table {
         (d <= last).then(|| &self.endpoints[e])
     }
 
+    /// Whether a packet with inner source `inner` may arrive in a datagram from `outer`:
+    /// only from the node that owns the address's block, or from a node's own address
+    /// (its host traffic). `None` (not an IPv4 packet) never may.
+    pub fn source_allowed(&self, outer: &SocketAddr, inner: Option<Ipv4Addr>) -> bool {
+        let outer = match outer {
+            SocketAddr::V4(a) => Some(*a.ip()),
+            SocketAddr::V6(a) => a.ip().to_ipv4_mapped(),
+        };
+        let (Some(outer), Some(inner)) = (outer, inner) else {
+            return false;
+        };
+        if inner == outer {
+            return true;
+        }
+        self.lookup(inner)
+            .is_some_and(|e| e.addr.ip() == std::net::IpAddr::V4(outer))
+    }
+
     /// Whether `src` is the underlay address of a node with pod routes: VXLAN from
     /// anywhere else is dropped (it could only be spoofed pod traffic).
     pub fn accepts_from(&self, src: &SocketAddr) -> bool {
@@ -121,6 +139,36 @@ mod tests {
         assert!(table(Vec::new())
             .lookup("10.32.0.1".parse().unwrap())
             .is_none());
+    }
+
+    #[test]
+    fn inner_sources_must_belong_to_the_sending_node() {
+        let t = table(vec![
+            remote(2, &["10.36.0.0/14"]),
+            remote(3, &["10.40.0.0/14"]),
+        ]);
+        let from2: SocketAddr = "192.168.1.2:8472".parse().unwrap();
+        let mapped2: SocketAddr = "[::ffff:192.168.1.2]:8472".parse().unwrap();
+        let ip = |s: &str| Some(s.parse::<Ipv4Addr>().unwrap());
+        assert!(t.source_allowed(&from2, ip("10.36.1.2")));
+        assert!(t.source_allowed(&mapped2, ip("10.36.1.2")));
+        assert!(
+            t.source_allowed(&from2, ip("192.168.1.2")),
+            "its own address"
+        );
+        assert!(
+            !t.source_allowed(&from2, ip("10.40.0.5")),
+            "node 3's pod, forged by 2"
+        );
+        assert!(
+            !t.source_allowed(&from2, ip("10.32.0.5")),
+            "nobody's address"
+        );
+        assert!(
+            !t.source_allowed(&from2, ip("192.168.1.3")),
+            "another node's address"
+        );
+        assert!(!t.source_allowed(&from2, None));
     }
 
     proptest! {

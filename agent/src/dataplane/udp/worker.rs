@@ -38,6 +38,7 @@ pub struct Stats {
     pub dropped_no_route: Counter,
     pub dropped_not_ipv4: Counter,
     pub dropped_foreign: Counter,
+    pub dropped_spoofed: Counter,
     pub dropped_malformed: Counter,
     pub errors: Counter,
 }
@@ -66,6 +67,7 @@ impl Stats {
             dropped_no_route: dropped("no_route"),
             dropped_not_ipv4: dropped("not_ipv4"),
             dropped_foreign: dropped("foreign"),
+            dropped_spoofed: dropped("spoofed_source"),
             dropped_malformed: dropped("malformed"),
             errors: m.forwarder_errors.clone(),
         }
@@ -344,6 +346,10 @@ pub fn run_rx(
                     if data.len() > OVERHEAD + wire.mtu {
                         if let Ok(p) = frame::inner_packet(data, wire.vni, &wire.mac) {
                             if p.len() + OVERHEAD == data.len() {
+                                if !view.table.source_allowed(&m.addr, frame::inner_source(p)) {
+                                    Stats::add(&stats.dropped_spoofed, 1);
+                                    continue;
+                                }
                                 write_tun(
                                     &dev,
                                     &mut gro,
@@ -373,6 +379,16 @@ pub fn run_rx(
                                 continue;
                             }
                         };
+                        // The inner source must be the sending node's (one of its blocks,
+                        // or its own address): the same rule the kernel backend's guard
+                        // applies after decapsulation.
+                        if !view
+                            .table
+                            .source_allowed(&m.addr, frame::inner_source(packet))
+                        {
+                            Stats::add(&stats.dropped_spoofed, 1);
+                            continue;
+                        }
                         let slot = &mut out[used];
                         slot.clear();
                         slot.resize(VIRTIO_NET_HDR_LEN, 0);

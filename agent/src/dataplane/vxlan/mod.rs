@@ -309,14 +309,21 @@ pub async fn run(
     status: watch::Sender<Option<String>>,
     mut shutdown: watch::Receiver<bool>,
 ) {
-    let mut rounds = super::Rounds::new(DEVICE, cfg.range, cfg.masquerade, status);
+    let mut rounds = super::Rounds::new(
+        DEVICE,
+        cfg.range,
+        cfg.masquerade,
+        cfg.port,
+        Some(DEVICE),
+        status,
+    );
     loop {
         let want = desired.borrow_and_update().clone();
         let problem = reconcile(&nl, &cfg, &want)
             .await
             .err()
             .map(|e| e.to_string());
-        rounds.finish(problem, &want);
+        rounds.finish(problem, &want).await;
         if !super::Rounds::next(&mut desired, &mut shutdown).await {
             return;
         }
