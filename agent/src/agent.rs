@@ -260,6 +260,7 @@ pub async fn run(cfg: AgentConfig) -> Result<()> {
     };
 
     let (api_tx, api_rx) = mpsc::channel(64);
+    let health = driver.health();
     let mut kube_task = None;
     let driver = if cfg.kube {
         let opts = crate::k8s::KubeOptions {
@@ -286,8 +287,14 @@ pub async fn run(cfg: AgentConfig) -> Result<()> {
         metrics_listener,
         metrics,
         api_tx.clone(),
+        health.clone(),
     ));
-    tokio::spawn(server::serve_api(api_listener, api_tx, cfg.socket.clone()));
+    tokio::spawn(server::serve_api(
+        api_listener,
+        api_tx,
+        health,
+        cfg.socket.clone(),
+    ));
 
     info!(
         node = %resolved.node_name,

@@ -23,10 +23,10 @@ use mesh_proto::api::{
 use crate::ipam::allocations::AttachmentKey;
 use crate::ipam::core::ReclaimMode;
 use crate::ipam::service::ApiFailure;
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{mpsc, oneshot, watch};
 
 use super::metrics::Metrics;
-use crate::mesh::driver::ApiRequest;
+use crate::mesh::driver::{ApiRequest, Health};
 
 const DRIVER_TIMEOUT: Duration = Duration::from_secs(5);
 /// Longer than IPAM's own bounded wait for space, so IPAM's answer (503/507) wins.
@@ -35,7 +35,12 @@ const ALLOCATION_TIMEOUT: Duration = Duration::from_secs(15);
 #[derive(Clone)]
 struct ApiState {
     driver: mpsc::Sender<ApiRequest>,
+    health: watch::Receiver<Health>,
 }
+
+/// A driver that has not been round its loop for this long is stuck (it ticks every
+/// 500 ms): liveness fails, and kubelet restarts the agent.
+const STALLED: Duration = Duration::from_secs(10);
 
 fn error(status: StatusCode, code: &str, msg: impl Into<String>) -> Response {
     (
@@ -248,23 +253,39 @@ async fn get_report(State(s): State<ApiState>) -> Response {
     }
 }
 
+/// Liveness: the driver's heartbeat is fresh. Read from a watch, never through the request
+/// channel, so a probe does not wait behind CNI calls.
 async fn healthz(State(s): State<ApiState>) -> Response {
-    match report(&s).await {
-        Ok(_) => (StatusCode::OK, "ok\n").into_response(),
-        Err(e) => e,
+    match stalled(&s) {
+        None => (StatusCode::OK, "ok\n").into_response(),
+        Some(e) => e,
     }
 }
 
 async fn readyz(State(s): State<ApiState>) -> Response {
-    match report(&s).await {
-        Ok(r) if r.status.ready => (StatusCode::OK, "ready\n").into_response(),
-        Ok(_) => error(
+    if let Some(e) = stalled(&s) {
+        return e;
+    }
+    if s.health.borrow().ready {
+        (StatusCode::OK, "ready\n").into_response()
+    } else {
+        error(
             StatusCode::SERVICE_UNAVAILABLE,
             "not_ready",
             "no control connection to any peer yet",
-        ),
-        Err(e) => e,
+        )
     }
+}
+
+fn stalled(s: &ApiState) -> Option<Response> {
+    let since = s.health.borrow().beat.elapsed();
+    (since > STALLED).then(|| {
+        error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "driver_stalled",
+            format!("the mesh driver has not run for {since:.0?}"),
+        )
+    })
 }
 
 async fn not_found() -> Response {
@@ -275,7 +296,7 @@ async fn not_found() -> Response {
     )
 }
 
-pub fn router(driver: mpsc::Sender<ApiRequest>) -> Router {
+pub fn router(driver: mpsc::Sender<ApiRequest>, health: watch::Receiver<Health>) -> Router {
     Router::new()
         .route("/v1/status", get(get_status))
         .route("/v1/status/peers", get(get_peers))
@@ -295,7 +316,7 @@ pub fn router(driver: mpsc::Sender<ApiRequest>) -> Router {
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .fallback(not_found)
-        .with_state(ApiState { driver })
+        .with_state(ApiState { driver, health })
 }
 
 /// Binds the unix socket with mode 0600, replacing a stale socket file but never one that
@@ -331,9 +352,10 @@ pub async fn bind_socket(path: &Path) -> Result<tokio::net::UnixListener> {
 pub async fn serve_api(
     listener: tokio::net::UnixListener,
     driver: mpsc::Sender<ApiRequest>,
+    health: watch::Receiver<Health>,
     socket: PathBuf,
 ) {
-    if let Err(e) = axum::serve(listener, router(driver)).await {
+    if let Err(e) = axum::serve(listener, router(driver, health)).await {
         tracing::error!(socket = %socket.display(), error = %e, "local API stopped");
     }
 }
@@ -344,11 +366,12 @@ pub async fn serve_metrics(
     listener: tokio::net::TcpListener,
     metrics: Arc<Metrics>,
     driver: mpsc::Sender<ApiRequest>,
+    health: watch::Receiver<Health>,
 ) {
     let probes = Router::new()
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
-        .with_state(ApiState { driver });
+        .with_state(ApiState { driver, health });
     let app = Router::new().merge(probes).route(
         "/metrics",
         get(move || {
@@ -366,5 +389,50 @@ pub async fn serve_metrics(
     );
     if let Err(e) = axum::serve(listener, app).await {
         tracing::error!(error = %e, "metrics listener stopped");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Instant;
+
+    /// A driver that never reads its queue (stuck, or busy with a long line of CNI calls):
+    /// the probes still answer at once from the heartbeat. Before the heartbeat they asked
+    /// the driver through that queue and waited out its 5 s deadline.
+    #[tokio::test]
+    async fn probes_answer_from_the_heartbeat_without_the_driver_queue() {
+        let dir = tempfile::tempdir().unwrap();
+        let socket = dir.path().join("api.sock");
+        let (driver, _queue) = mpsc::channel(1);
+        let (beat, health) = watch::channel(Health {
+            beat: Instant::now(),
+            ready: true,
+        });
+        let listener = bind_socket(&socket).await.unwrap();
+        tokio::spawn(serve_api(listener, driver, health, socket.clone()));
+        let started = Instant::now();
+        let (status, _) = crate::api::client::request(&socket, "GET", "/healthz", None)
+            .await
+            .unwrap();
+        assert_eq!(status, 200);
+        let (status, _) = crate::api::client::request(&socket, "GET", "/readyz", None)
+            .await
+            .unwrap();
+        assert_eq!(status, 200);
+        assert!(
+            started.elapsed() < DRIVER_TIMEOUT,
+            "the probes waited on the driver queue"
+        );
+        // An old heartbeat means a stuck driver: liveness fails, and says so.
+        beat.send_replace(Health {
+            beat: Instant::now() - STALLED - Duration::from_secs(1),
+            ready: true,
+        });
+        let (status, body) = crate::api::client::request(&socket, "GET", "/healthz", None)
+            .await
+            .unwrap();
+        assert_eq!(status, 503);
+        assert!(String::from_utf8_lossy(&body).contains("driver_stalled"));
     }
 }

@@ -159,7 +159,7 @@ impl IpamService {
             }
         }
         // One transaction, committed before any message of this step leaves.
-        self.store.apply_ipam(&self.range_text, &writes)?;
+        crate::store::off_the_workers(|| self.store.apply_ipam(&self.range_text, &writes))?;
         // Reclaim callers hear of the outcome only once it is on disk.
         for e in &answers {
             self.answer_reclaim(e);

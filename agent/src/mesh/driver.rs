@@ -35,6 +35,15 @@ const MAINTENANCE: Duration = Duration::from_millis(500);
 const IDLE_CLOSE: Duration = Duration::from_secs(30);
 const SEND_QUEUE: usize = 256;
 
+/// The driver's heartbeat, read by the liveness and readiness probes directly (never
+/// queued behind CNI calls in the request channel): when it was last in its loop, and
+/// whether it is ready (connected to a peer, or has none to connect to).
+#[derive(Clone, Copy, Debug)]
+pub struct Health {
+    pub beat: Instant,
+    pub ready: bool,
+}
+
 pub enum ApiRequest {
     Report(oneshot::Sender<Report>),
     Allocate {
@@ -74,6 +83,7 @@ pub struct DriverConfig {
 }
 
 pub struct Driver {
+    health: watch::Sender<Health>,
     core: MeshCore,
     cfg: DriverConfig,
     store: Arc<Store>,
@@ -136,7 +146,12 @@ impl Driver {
         for target in &cfg.persistent_peers {
             links.want(target.clone(), None, DialRole::Persistent, now);
         }
+        let (health, _) = watch::channel(Health {
+            beat: now,
+            ready: false,
+        });
         Driver {
+            health,
             core,
             cfg,
             store,
@@ -156,6 +171,11 @@ impl Driver {
             kube_status: None,
             tunnel_memory,
         }
+    }
+
+    /// The heartbeat the probes read (see `Health`).
+    pub fn health(&self) -> watch::Receiver<Health> {
+        self.health.subscribe()
     }
 
     /// Connects the node bridge task: it learns the gateway from IPAM through this.
@@ -230,7 +250,9 @@ impl Driver {
                 Output::Send { to, msg } => self.send(to, msg, now),
                 Output::SetNeighbours(set) => self.set_neighbours(&set, now),
                 Output::PersistIncarnation(inc) => {
-                    if let Err(e) = self.store.raise_incarnation(inc) {
+                    if let Err(e) =
+                        crate::store::off_the_workers(|| self.store.raise_incarnation(inc))
+                    {
                         tracing::error!(error = %e, "cannot store the new incarnation; stopping rather than announcing it");
                         self.fatal = Some(format!("cannot store incarnation {inc}: {e}"));
                     }
@@ -503,6 +525,10 @@ impl Driver {
 
     fn maintain(&mut self) {
         let now = Instant::now();
+        self.health.send_replace(Health {
+            beat: now,
+            ready: self.is_ready(),
+        });
         self.publish_dataplane();
         self.dial_due(now);
         // Forget on-demand targets that are idle and not needed.

@@ -36,6 +36,28 @@ pub enum NetlinkError {
         what: String,
         source: rtnetlink::Error,
     },
+    /// Several changes of one round failed; the others were still made.
+    #[error("{failed} of {total} changes failed: {}", first)]
+    Some {
+        failed: usize,
+        total: usize,
+        first: Box<NetlinkError>,
+    },
+}
+
+/// Collects the outcomes of a round's independent changes: every change is tried, and a
+/// failed one (a route the kernel refuses) does not keep the others from being made.
+pub fn all_of(total: usize, errors: Vec<NetlinkError>) -> Result<usize, NetlinkError> {
+    let failed = errors.len();
+    match errors.into_iter().next() {
+        None => Ok(total),
+        Some(first) if failed == 1 && total == 1 => Err(first),
+        Some(first) => Err(NetlinkError::Some {
+            failed,
+            total,
+            first: Box::new(first),
+        }),
+    }
 }
 
 impl NetlinkError {
@@ -51,6 +73,7 @@ impl NetlinkError {
             NetlinkError::Netns { source, .. } | NetlinkError::Socket(source) => {
                 source.raw_os_error()
             }
+            NetlinkError::Some { first, .. } => first.errno(),
         }
     }
 }
@@ -532,5 +555,29 @@ impl Netlink {
             }
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod all_of_tests {
+    use super::*;
+
+    fn refused(what: &str) -> NetlinkError {
+        NetlinkError::Socket(std::io::Error::other(what.to_string()))
+    }
+
+    #[test]
+    fn every_failure_is_counted_and_the_first_is_named() {
+        assert_eq!(all_of(3, vec![]).unwrap(), 3);
+        let e = all_of(3, vec![refused("route a"), refused("route b")]).unwrap_err();
+        let text = e.to_string();
+        assert!(
+            text.starts_with("2 of 3 changes failed") && text.contains("route a"),
+            "{text}"
+        );
+        assert!(all_of(1, vec![refused("only")])
+            .unwrap_err()
+            .to_string()
+            .contains("only"));
     }
 }

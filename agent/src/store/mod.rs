@@ -86,6 +86,20 @@ db_err!(
     redb::CommitError
 );
 
+/// Runs a blocking store operation (a commit waits for fsync) without holding up the other
+/// tasks of this runtime worker — probes, CNI calls, QUIC: on the multi-threaded runtime
+/// the worker first hands its queue to another thread (`block_in_place`); elsewhere (a
+/// test's current-thread runtime, no runtime) it simply runs. The caller still waits for
+/// the commit, so nothing is promised before it is durable.
+pub fn off_the_workers<T>(f: impl FnOnce() -> T) -> T {
+    match tokio::runtime::Handle::try_current() {
+        Ok(h) if h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread => {
+            tokio::task::block_in_place(f)
+        }
+        _ => f(),
+    }
+}
+
 pub struct Store {
     db: redb::Database,
     path: PathBuf,

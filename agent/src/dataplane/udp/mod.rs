@@ -249,8 +249,9 @@ async fn reconcile(nl: &Netlink, index: u32, want: &Desired) -> Result<usize, Ne
         .collect();
     let steps = plan::plan(want, &seen);
     let h = nl.handle();
+    let mut errors = Vec::new();
     for s in &steps {
-        match s {
+        let outcome = match s {
             Step::Set(r) => {
                 info!(route = %format!("{}/{}", r.dst, r.prefix), device = DEVICE, "installing a pod route");
                 h.route()
@@ -261,20 +262,23 @@ async fn reconcile(nl: &Netlink, index: u32, want: &Desired) -> Result<usize, Ne
                     .map_err(NetlinkError::request(format!(
                         "route {}/{} dev {DEVICE}",
                         r.dst, r.prefix
-                    )))?;
+                    )))
             }
             Step::Del(r) => {
                 info!(route = %format!("{}/{}", r.dst, r.prefix), device = DEVICE, "removing a pod route");
                 match h.route().del(route_message(index, r)).execute().await {
                     Err(e) if !matches!(errno(&e), Some(libc::ENOENT) | Some(libc::ESRCH)) => {
-                        return Err(NetlinkError::request("delete route")(e))
+                        Err(NetlinkError::request("delete route")(e))
                     }
-                    _ => {}
+                    _ => Ok(()),
                 }
             }
+        };
+        if let Err(e) = outcome {
+            errors.push(e);
         }
     }
-    Ok(steps.len())
+    crate::netlink::all_of(steps.len(), errors)
 }
 
 /// Keeps the forwarder running and its routes and table matching `desired` until

@@ -294,10 +294,13 @@ async fn reconcile(nl: &Netlink, cfg: &VxlanConfig, want: &Desired) -> Result<us
     }
     let seen = observe(nl, index).await?;
     let steps = plan::plan(want, &seen.state);
+    let mut errors = Vec::new();
     for s in &steps {
-        apply(nl, index, &seen, s).await?;
+        if let Err(e) = apply(nl, index, &seen, s).await {
+            errors.push(e);
+        }
     }
-    Ok(steps.len())
+    Ok(crate::netlink::all_of(steps.len(), errors)?)
 }
 
 /// Keeps the kernel matching `desired` until shutdown. Publishes problems (or `None`)

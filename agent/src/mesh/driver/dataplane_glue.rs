@@ -76,7 +76,7 @@ impl Driver {
         let live = dataplane::endpoints(me, self.core.members().map(|m| &m.record));
         let endpoints = dataplane::remembered_endpoints(&memory.endpoints, live, &in_view, ring);
         if endpoints != memory.endpoints || memory.unsaved {
-            let saved = self.store.save_endpoints(&endpoints);
+            let saved = crate::store::off_the_workers(|| self.store.save_endpoints(&endpoints));
             if let Err(e) = &saved {
                 if !memory.unsaved {
                     warn!(error = %e, "cannot remember the tunnel endpoints (retrying); a restart now would wait for peers");

@@ -115,6 +115,12 @@ impl Driver {
         }
     }
 
+    /// Connected to a peer, or with none to connect to.
+    pub(super) fn is_ready(&self) -> bool {
+        let has_targets = !self.cfg.persistent_peers.is_empty() || !self.kube_targets.is_empty();
+        !has_targets || !self.links.links.is_empty()
+    }
+
     pub(super) fn report(&self, now: Instant) -> Report {
         let names = |p: &PeerId| self.core.member(p).map(|m| m.record.name.clone());
         let connections = ConnectionsResponse {
@@ -123,8 +129,7 @@ impl Driver {
         let peers = PeersResponse {
             peers: status::peer_views(&self.core, now),
         };
-        let has_targets = !self.cfg.persistent_peers.is_empty() || !self.kube_targets.is_empty();
-        let ready = !has_targets || !self.links.links.is_empty();
+        let ready = self.is_ready();
         let status = status::summary(
             &self.core,
             &self.cfg.info,
