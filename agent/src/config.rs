@@ -210,6 +210,16 @@ impl AgentConfig {
                         trimmed.len()
                     );
                 }
+                if let Err(guesses) = crate::transport::tls::strength(&trimmed) {
+                    bail!(
+                        "cluster secret in {} is too easy to guess (estimated 10^{guesses:.0} guesses, at least 10^{:.0} needed; \
+                         anyone who reaches the mesh port can test guesses offline): use a random one, \
+                         e.g. `head -c 32 /dev/urandom | base64 > {}`",
+                        path.display(),
+                        crate::transport::tls::MIN_GUESSES_LOG10,
+                        path.display()
+                    );
+                }
                 Some(trimmed)
             }
         };

@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use common::{wait_for, write_secret, Agent};
 
-const SECRET: &str = "correct horse battery staple 0123456789";
+const SECRET: &str = "qZ7vKm3xT9pL2wYc8RfN4hJd6bGs1aUe";
 
 fn secured(dir: &std::path::Path, name: &str, secret: &std::path::Path, peers: &str) -> Agent {
     let mut extra = vec!["--secret-file".to_string(), secret.display().to_string()];
@@ -113,7 +113,7 @@ fn five_agents_converge_detect_a_kill_and_welcome_a_restart() {
 fn a_peer_with_another_secret_never_joins_and_both_ends_say_why() {
     let dir = tempfile::tempdir().unwrap();
     let good = write_secret(dir.path(), "good", SECRET);
-    let bad = write_secret(dir.path(), "bad", "a completely different secret!!");
+    let bad = write_secret(dir.path(), "bad", "Xy4TqW9eRz2mNb7vLk5sHj8cPd3fGa6U");
     let mut a = secured(dir.path(), "good-a", &good, "");
     a.start();
     let mut b = secured(dir.path(), "good-b", &good, &a.listen.to_string());

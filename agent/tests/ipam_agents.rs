@@ -15,7 +15,7 @@ use std::time::Duration;
 use common::{wait_for, write_secret, Agent};
 use mesh_agent::api::client;
 
-const SECRET: &str = "ipam test secret 0123456789abcdef";
+const SECRET: &str = "Vb3nQ8rT1xKp6mZs9LwC2dFh5jYg7uEa";
 
 fn post(socket: &std::path::Path, body: String) -> Option<(u16, serde_json::Value)> {
     let rt = tokio::runtime::Builder::new_current_thread()

@@ -42,6 +42,7 @@ pub struct Metrics {
     pub gossip_dropped: Counter,
     pub detector_events: Family<EventLabel, Counter>,
     pub connection_failures: Family<DirectionLabel, Counter>,
+    pub handshakes_turned_away: Family<ReasonLabel, Counter>,
     pub ipam_addresses: Family<KindLabel, Gauge>,
     pub ipam_unreachable_share: Gauge<f64, AtomicU64>,
     pub ipam_pending_requests: Gauge,
@@ -107,6 +108,12 @@ impl Metrics {
             "connection_failures",
             "Failed dials (out) and refused or failed inbound connections (in)",
             connection_failures.clone(),
+        );
+        let handshakes_turned_away = Family::<ReasonLabel, Counter>::default();
+        registry.register(
+            "handshakes_turned_away",
+            "Incoming QUIC handshakes not taken on before authentication: retry (answered with a QUIC Retry), too_many_handshakes, source_busy, rate_limited",
+            handshakes_turned_away.clone(),
         );
         let ipam_addresses = Family::<KindLabel, Gauge>::default();
         registry.register(
@@ -180,6 +187,7 @@ impl Metrics {
             gossip_dropped,
             detector_events,
             connection_failures,
+            handshakes_turned_away,
         })
     }
 

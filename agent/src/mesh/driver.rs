@@ -18,11 +18,12 @@ use tracing::{debug, info, warn};
 use super::core::{Input, MeshCore, Output};
 use super::links::{preferred_dialer, DialRole, Link, Links};
 use super::status::StaticInfo;
-use crate::api::metrics::{DirectionLabel, GossipLabel, Metrics};
+use crate::api::metrics::{DirectionLabel, GossipLabel, Metrics, ReasonLabel};
 use crate::ipam::allocations::AttachmentKey;
 use crate::ipam::core::IpamInput;
 use crate::ipam::service::{AllocationReply, ApiFailure, IpamService, ReclaimReply};
 use crate::store::Store;
+use crate::transport::admission::{Admission, AdmissionConfig, LogBudget, Verdict};
 use crate::transport::connection::{
     self, Direction, Local, TransportEvent, CLOSE_DUPLICATE, CLOSE_IDLE, CLOSE_REFUSED,
     CLOSE_SHUTDOWN,
@@ -83,6 +84,10 @@ pub struct DriverConfig {
 }
 
 pub struct Driver {
+    /// Which incoming handshakes are taken on (before authentication).
+    admission: Admission,
+    /// Bounds the warnings about failed inbound handshakes.
+    inbound_log: LogBudget,
     health: watch::Sender<Health>,
     core: MeshCore,
     cfg: DriverConfig,
@@ -151,6 +156,8 @@ impl Driver {
             ready: false,
         });
         Driver {
+            admission: Admission::new(AdmissionConfig::default(), now),
+            inbound_log: LogBudget::new(Duration::from_secs(10)),
             health,
             core,
             cfg,
@@ -202,9 +209,7 @@ impl Driver {
                 _ = tokio::time::sleep_until(wake) => self.on_wake(),
                 Some(ev) = self.events_rx.recv() => self.on_transport(ev),
                 incoming = endpoint.accept() => match incoming {
-                    Some(incoming) => {
-                        tokio::spawn(connection::accept(incoming, self.local.clone(), self.events_tx.clone()));
-                    }
+                    Some(incoming) => self.on_incoming(incoming),
                     None => break,
                 },
                 Some(req) = api.recv() => self.on_api(req),
@@ -360,15 +365,21 @@ impl Driver {
                 }
             }
             TransportEvent::InboundFailed { addr, reason } => {
+                self.admission.finished(addr.ip());
                 let repeated = self
                     .links
                     .inbound_failures
                     .get(&addr)
                     .is_some_and(|(r, _)| *r == reason);
-                if repeated {
-                    debug!(address = %addr, reason = %reason, "refused an inbound connection again");
-                } else {
-                    warn!(address = %addr, reason = %reason, "refused an inbound connection");
+                // New source addresses cost an attacker nothing: warnings are bounded.
+                match (repeated, self.inbound_log.allow(now)) {
+                    (false, Some(held_back)) => warn!(
+                        address = %addr,
+                        reason = %reason,
+                        held_back,
+                        "refused an inbound connection (at most one such line per 10 s; held_back = lines skipped since the last)"
+                    ),
+                    _ => debug!(address = %addr, reason = %reason, "refused an inbound connection"),
                 }
                 self.metrics
                     .connection_failures
@@ -430,7 +441,42 @@ impl Driver {
         }
     }
 
+    /// Pre-authentication limits (`transport::admission`): take the handshake on, answer
+    /// with a Retry, or drop it without a word.
+    fn on_incoming(&mut self, incoming: quinn::Incoming) {
+        let addr = incoming.remote_address();
+        let validated = incoming.remote_address_validated();
+        match self.admission.judge(Instant::now(), addr.ip(), validated) {
+            Verdict::Accept => {
+                tokio::spawn(connection::accept(
+                    incoming,
+                    self.local.clone(),
+                    self.events_tx.clone(),
+                ));
+            }
+            Verdict::Retry => {
+                self.metrics
+                    .handshakes_turned_away
+                    .get_or_create(&ReasonLabel { reason: "retry" })
+                    .inc();
+                if let Err(e) = incoming.retry() {
+                    e.into_incoming().ignore();
+                }
+            }
+            Verdict::Ignore(why) => {
+                self.metrics
+                    .handshakes_turned_away
+                    .get_or_create(&ReasonLabel { reason: why.name() })
+                    .inc();
+                incoming.ignore();
+            }
+        }
+    }
+
     fn on_established(&mut self, est: connection::Established, now: Instant) {
+        if est.direction == Direction::In {
+            self.admission.finished(est.addr.ip());
+        }
         let me = self.core.me();
         let peer = est.peer.id;
         let dialer = if est.direction == Direction::Out {
@@ -529,6 +575,9 @@ impl Driver {
             beat: now,
             ready: self.is_ready(),
         });
+        if let Some(line) = self.admission.report(now) {
+            warn!(turned_away = %line, in_flight = self.admission.in_flight(), "pre-authentication limits turned incoming handshakes away (at most one such line per 10 s)");
+        }
         self.publish_dataplane();
         self.dial_due(now);
         // Forget on-demand targets that are idle and not needed.

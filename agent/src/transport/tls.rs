@@ -1,10 +1,16 @@
 //! Who may connect: mutual TLS 1.3 where every node certificate is signed by a CA that
 //! every agent derives from the cluster secret.
 //!
-//! The CA key is Ed25519 with its seed = HKDF-SHA256(secret), so agents with the same
-//! secret trust each other without ever exchanging a certificate, and a peer with another
-//! secret fails the handshake (unknown issuer / bad signature) on both ends. Each node
-//! signs its own certificate at start with a key kept in the state store.
+//! The CA key is Ed25519 with its seed = Argon2id(secret), so agents with the same secret
+//! trust each other without ever exchanging a certificate, and a peer with another secret
+//! fails the handshake (unknown issuer / bad signature) on both ends. Each node signs its
+//! own certificate at start with a key kept in the state store.
+//!
+//! Anyone who can reach the port sees a node certificate (the server sends it before it
+//! asks for the client's), so every handshake is an offline test for a guessed secret: the
+//! derivation is memory-hard (Argon2id, 19 MiB, 2 passes — OWASP's minimum; tens of ms,
+//! paid once per start by a node and once per guess by an attacker), and `strength`
+//! refuses secrets a password cracker would find (estimated by zxcvbn, not by length).
 //!
 //! `--insecure-no-auth` replaces this with self-signed certificates and a verifier that
 //! checks only the handshake signature: encrypted, but anyone can join. It is an explicit
@@ -16,7 +22,6 @@ use rcgen::{
     BasicConstraints, CertificateParams, DistinguishedName, DnType, IsCa, Issuer, KeyPair,
     KeyUsagePurpose, PKCS_ED25519,
 };
-use ring::hkdf;
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::crypto::{verify_tls13_signature, CryptoProvider};
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer, ServerName, UnixTime};
@@ -27,7 +32,30 @@ use mesh_proto::wire::ALPN;
 
 /// The name every node certificate carries and every dialer asks for.
 pub const SERVER_NAME: &str = "mesh.peer";
-const CA_LABEL: &[u8] = b"mesh cluster CA v1";
+/// The Argon2id salt. v2: Argon2id (v1 was HKDF-SHA256; the CAs differ, so v1 and v2
+/// nodes do not authenticate each other).
+const CA_LABEL: &[u8] = b"mesh cluster CA v2";
+
+/// The least a secret must cost a password cracker: zxcvbn's estimate of guesses, as a
+/// power of ten (10^16 ≈ 2^53, on top of the memory-hard derivation). A random secret
+/// from `head -c 32 /dev/urandom | base64` is estimated far above it.
+pub const MIN_GUESSES_LOG10: f64 = 16.0;
+
+/// Whether `secret` is strong enough, and if not, how guessable it is estimated to be.
+pub fn strength(secret: &[u8]) -> Result<(), f64> {
+    // A binary secret is judged by its hex form (lossy UTF-8 would turn it into a run
+    // of replacement characters, which reads as a repeat).
+    let text = match std::str::from_utf8(secret) {
+        Ok(t) => t.to_string(),
+        Err(_) => secret.iter().map(|b| format!("{b:02x}")).collect(),
+    };
+    let guesses = zxcvbn::zxcvbn(&text, &[]).guesses_log10();
+    if guesses >= MIN_GUESSES_LOG10 {
+        Ok(())
+    } else {
+        Err(guesses)
+    }
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum TlsError {
@@ -81,11 +109,12 @@ fn ca_key_from_secret(secret: &[u8]) -> Result<KeyPair, TlsError> {
     if secret.len() < 16 {
         return Err(TlsError::WeakSecret(secret.len()));
     }
-    let prk = hkdf::Salt::new(hkdf::HKDF_SHA256, CA_LABEL).extract(secret);
+    let params = argon2::Params::new(19 * 1024, 2, 1, Some(32))
+        .map_err(|e| TlsError::Verifier(format!("Argon2 parameters: {e}")))?;
+    let kdf = argon2::Argon2::new(argon2::Algorithm::Argon2id, argon2::Version::V0x13, params);
     let mut seed = [0u8; 32];
-    prk.expand(&[b"ca-key"], hkdf::HKDF_SHA256)
-        .and_then(|okm| okm.fill(&mut seed))
-        .map_err(|_| TlsError::Verifier("HKDF expansion failed".into()))?;
+    kdf.hash_password_into(secret, CA_LABEL, &mut seed)
+        .map_err(|e| TlsError::Verifier(format!("Argon2id: {e}")))?;
     let der = ed25519_pkcs8(&seed);
     let key = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(der));
     Ok(KeyPair::from_der_and_sign_algo(&key, &PKCS_ED25519)?)
@@ -207,8 +236,9 @@ fn quic_client(mut cfg: rustls::ClientConfig) -> Result<quinn::ClientConfig, Tls
 
 /// `--insecure-no-auth` only: accepts any certificate but still checks that the peer holds
 /// the key it presents (the handshake signature), so the session is encrypted end to end.
+/// Public for tests that play an outsider (e.g. a handshake flood).
 #[derive(Debug)]
-struct AcceptAnyCert(Arc<CryptoProvider>);
+pub struct AcceptAnyCert(pub Arc<CryptoProvider>);
 
 impl AcceptAnyCert {
     fn verify13(
@@ -343,5 +373,45 @@ fn hint(code: Option<u8>) -> &'static str {
             " (peer runs with --insecure-no-auth while we require a cluster secret, or the reverse)"
         }
         _ => "",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn guessable_secrets_are_refused_and_random_ones_pass() {
+        // zxcvbn's estimates (log10 guesses) here: 14.4, 2.6, 4.5, 4.4, 8.2, 12.6.
+        for weak in [
+            "correcthorsebatterystaple",
+            "aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa",
+            "0123456789abcdef0123456789abcdef",
+            "password1234password1234",
+            "Winter2026!Winter2026!",
+            "ab12cd34ef56gh78",
+        ] {
+            assert!(strength(weak.as_bytes()).is_err(), "{weak} passed");
+        }
+        // `head -c 32 /dev/urandom | base64`
+        assert!(strength(b"m3Q9zq0l4cS8Vt1p2YxW7eR5uJ6nH0aKbF3dG8sT+Lo=").is_ok());
+        assert!(strength(&[
+            0x9f, 0x03, 0xe1, 0x55, 0x7a, 0xc2, 0x18, 0xd0, 0x4b, 0xee, 0x61, 0x2c, 0x95, 0x0f,
+            0xb7, 0x3a, 0x48, 0xd9, 0x11, 0x6e
+        ])
+        .is_ok());
+    }
+
+    #[test]
+    fn the_ca_key_depends_on_the_secret_only() {
+        let a = ca_key_from_secret(b"m3Q9zq0l4cS8Vt1p2YxW7eR5uJ6nH0aK").unwrap();
+        let again = ca_key_from_secret(b"m3Q9zq0l4cS8Vt1p2YxW7eR5uJ6nH0aK").unwrap();
+        let other = ca_key_from_secret(b"m3Q9zq0l4cS8Vt1p2YxW7eR5uJ6nH0aL").unwrap();
+        assert_eq!(a.public_key_raw(), again.public_key_raw());
+        assert_ne!(a.public_key_raw(), other.public_key_raw());
+        assert!(matches!(
+            ca_key_from_secret(b"short"),
+            Err(TlsError::WeakSecret(5))
+        ));
     }
 }

@@ -65,6 +65,7 @@ pub struct Agent {
     pub state_dir: PathBuf,
     pub socket: PathBuf,
     pub log: PathBuf,
+    pub metrics: SocketAddr,
     pub args: Vec<String>,
     child: Option<Child>,
 }
@@ -75,6 +76,7 @@ impl Agent {
         let state_dir = dir.join(format!("{name}-state"));
         let socket = dir.join(format!("{name}.sock"));
         let log = dir.join(format!("{name}.log"));
+        let metrics: SocketAddr = format!("127.0.0.1:{}", free_tcp_port()).parse().unwrap();
         let mut args = vec![
             "--node-name".to_string(),
             name.to_string(),
@@ -85,7 +87,7 @@ impl Agent {
             "--socket".into(),
             socket.display().to_string(),
             "--metrics-addr".into(),
-            format!("127.0.0.1:{}", free_tcp_port()),
+            metrics.to_string(),
             "--dataplane".into(),
             "none".into(),
             "--log".into(),
@@ -98,6 +100,7 @@ impl Agent {
             state_dir,
             socket,
             log,
+            metrics,
             args,
             child: None,
         }
@@ -116,6 +119,20 @@ impl Agent {
             .spawn()
             .expect("spawn mesh-agent");
         self.child = Some(child);
+    }
+
+    /// The Prometheus text from the agent's metrics listener (empty if unreachable).
+    pub fn metrics_text(&self) -> String {
+        use std::io::{Read, Write};
+        let Ok(mut s) = std::net::TcpStream::connect_timeout(&self.metrics, Duration::from_secs(3))
+        else {
+            return String::new();
+        };
+        let _ = s.set_read_timeout(Some(Duration::from_secs(5)));
+        let _ = s.write_all(b"GET /metrics HTTP/1.0\r\nHost: localhost\r\n\r\n");
+        let mut out = String::new();
+        let _ = s.read_to_string(&mut out);
+        out
     }
 
     /// `kill -9`: no goodbye, state left as it was.
