@@ -47,7 +47,7 @@ pub async fn run(cfg: AgentConfig) -> Result<()> {
     }
     let resolved = cfg.resolve()?;
     let auth = match resolved.secret.clone() {
-        Some(s) => Auth::ClusterSecret(s),
+        Some(s) => Auth::ClusterSecret(s, cfg.secret_kdf),
         None => {
             warn!("running with --insecure-no-auth: any host that reaches the listen port can join this mesh");
             Auth::InsecureNoAuth
@@ -129,7 +129,7 @@ pub async fn run(cfg: AgentConfig) -> Result<()> {
             dataplanes: backend.map(|b| b.name().to_string()).into_iter().collect(),
             vtep_mac: backend.map(|_| vtep_mac),
             vxlan_port: backend.map(|_| cfg.vxlan_port),
-            authenticated: matches!(auth, Auth::ClusterSecret(_)),
+            authenticated: matches!(auth, Auth::ClusterSecret(_, _)),
         },
         connections: Vec::new(),
     };
@@ -225,6 +225,7 @@ pub async fn run(cfg: AgentConfig) -> Result<()> {
                                 range: vx.range,
                                 masquerade: vx.masquerade,
                                 queues: cfg.udp_queues.unwrap_or_else(udp::default_queues),
+                                local: vx.local,
                             };
                             tokio::spawn(udp::run(
                                 tunnel_nl,

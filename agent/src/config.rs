@@ -81,6 +81,11 @@ pub struct AgentConfig {
     #[arg(long, env = "MESH_SECRET_FILE")]
     pub secret_file: Option<PathBuf>,
 
+    /// How the CA is derived from the secret; the same on every node. `argon2id` makes
+    /// offline guessing of the secret memory-hard; `hkdf` is what earlier versions use.
+    #[arg(long, env = "MESH_SECRET_KDF", value_enum, default_value = "hkdf")]
+    pub secret_kdf: crate::transport::tls::SecretKdf,
+
     /// Run without authentication: anyone who can reach the port can join. Shown in `meshctl status`.
     #[arg(long, env = "MESH_INSECURE_NO_AUTH")]
     pub insecure_no_auth: bool,

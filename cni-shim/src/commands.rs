@@ -242,9 +242,9 @@ pub async fn del(env: &CniEnv, conf: &NetConf) -> CniResult<()> {
             parse_cidr(&held.address),
             host.link_by_name(&conf.bridge).await,
         ) {
-            host.forget_neighbour(bridge.index, ip)
-                .await
-                .map_err(setup_failed)?;
+            if let Err(e) = host.forget_neighbour(bridge.index, ip).await {
+                eprintln!("mesh-cni: could not forget the neighbour entry of {ip}: {e}");
+            }
         }
     }
     // A gone or empty netns means its interfaces are gone too (spec: DEL succeeds then).

@@ -29,7 +29,11 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match runtime.block_on(mesh_agent::agent::run(cfg)) {
+    let outcome = runtime.block_on(mesh_agent::agent::run(cfg));
+    // A firewall command still running on a blocking thread (a hung nft or iptables) must
+    // not keep the process alive after it was told to stop.
+    runtime.shutdown_timeout(std::time::Duration::from_secs(5));
+    match outcome {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             tracing::error!("{e:#}");

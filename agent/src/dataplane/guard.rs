@@ -44,10 +44,14 @@ const PRIORITY_RAW: i32 = -300;
 const REPAIR_EVERY: Duration = Duration::from_secs(10);
 
 /// Everything the table is made from.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct GuardSpec {
     /// The VXLAN port we listen on.
     pub port: u16,
+    /// Our underlay address: VXLAN to any other local address is dropped (a pod's datagram
+    /// to another address of this node, masqueraded by its own node to a member's source,
+    /// must not get in).
+    pub local: Ipv4Addr,
     /// The kernel VXLAN device whose decapsulated packets are checked (`None` for the
     /// userspace backend, which checks in its forwarder).
     pub decap_device: Option<&'static str>,
@@ -62,7 +66,12 @@ pub struct GuardSpec {
 }
 
 impl GuardSpec {
-    pub fn new(port: u16, decap_device: Option<&'static str>, want: &Desired) -> GuardSpec {
+    pub fn new(
+        port: u16,
+        local: Ipv4Addr,
+        decap_device: Option<&'static str>,
+        want: &Desired,
+    ) -> GuardSpec {
         let mut members: Vec<Ipv4Addr> = want
             .nodes
             .iter()
@@ -85,6 +94,7 @@ impl GuardSpec {
         sources.dedup();
         GuardSpec {
             port,
+            local,
             decap_device,
             members,
             sources,
@@ -222,6 +232,24 @@ pub fn ruleset(spec: &GuardSpec) -> Nftables<'static> {
         ],
         "mesh: VXLAN only from mesh members",
     )));
+    batch.add(NfListObject::Rule(rule(
+        "vxlan_in",
+        vec![
+            matches(
+                payload("udp", "dport"),
+                Operator::EQ,
+                Expression::Number(u32::from(spec.port)),
+            ),
+            matches(
+                payload("ip", "daddr"),
+                Operator::NEQ,
+                Expression::String(Cow::Owned(spec.local.to_string())),
+            ),
+            Statement::Counter(Counter::Anonymous(None)),
+            Statement::Drop(None),
+        ],
+        "mesh: VXLAN only to our underlay address",
+    )));
 
     if let Some(device) = spec.decap_device {
         let sources = source_elements(spec);
@@ -331,7 +359,12 @@ mod tests {
             nodes: vec![Ipv4Addr::new(192, 168, 1, 1), Ipv4Addr::new(192, 168, 1, 9)],
             ..Desired::default()
         };
-        GuardSpec::new(8472, Some("mesh-vxlan"), &want)
+        GuardSpec::new(
+            8472,
+            Ipv4Addr::new(192, 168, 1, 1),
+            Some("mesh-vxlan"),
+            &want,
+        )
     }
 
     #[test]
@@ -376,6 +409,10 @@ mod tests {
         assert!(text.contains(r#""right":"@sources""#), "{text}");
         assert!(text.contains(r#""mesh-vxlan""#), "{text}");
         assert!(text.contains(r#""prio":-300"#), "{text}");
+        assert!(
+            text.contains(r#""daddr""#) && text.contains("192.168.1.1"),
+            "{text}"
+        );
         // The userspace backend checks inner sources itself: no decap chain.
         let userspace = GuardSpec {
             decap_device: None,

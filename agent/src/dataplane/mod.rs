@@ -28,7 +28,12 @@ const RECONCILE_EVERY: std::time::Duration = std::time::Duration::from_secs(1);
 /// How long a round waits for `nft`/`iptables` before reporting them stuck.
 const FIREWALL_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
 
-type FirewallUpdate = tokio::task::JoinHandle<((guard::Keeper, masquerade::Keeper), Vec<String>)>;
+/// The keepers back, and the guard's and the egress rules' errors.
+type FirewallUpdate = tokio::task::JoinHandle<(
+    (guard::Keeper, masquerade::Keeper),
+    Option<String>,
+    Option<String>,
+)>;
 
 /// What the two backends' reconcile loops share: keeping the egress rules, telling the
 /// driver what is wrong (and the log, once per change), waiting for the next round.
@@ -37,7 +42,11 @@ pub(crate) struct Rounds {
     range: Block,
     masquerade: bool,
     port: u16,
+    local: Ipv4Addr,
     decap_device: Option<&'static str>,
+    /// The guard's last error (logged when it changes; not a data-plane problem: traffic
+    /// flows, only the protection is missing — it must not take the node out of service).
+    guard_problem: Option<String>,
     /// The guard's and the egress rules' keepers, away while a firewall update runs.
     keepers: Option<(guard::Keeper, masquerade::Keeper)>,
     /// A firewall update that outlived `FIREWALL_WAIT`, and since when.
@@ -54,6 +63,7 @@ impl Rounds {
         range: Block,
         masquerade: bool,
         port: u16,
+        local: Ipv4Addr,
         decap_device: Option<&'static str>,
         status: tokio::sync::watch::Sender<Option<String>>,
     ) -> Rounds {
@@ -62,7 +72,9 @@ impl Rounds {
             range,
             masquerade,
             port,
+            local,
             decap_device,
+            guard_problem: None,
             keepers: Some(Default::default()),
             firewall: None,
             last: None,
@@ -92,28 +104,34 @@ impl Rounds {
             }
             Some((_, handle)) => Some(handle),
             None => {
-                let spec = guard::GuardSpec::new(self.port, self.decap_device, want);
+                let spec = guard::GuardSpec::new(self.port, self.local, self.decap_device, want);
                 let (range, masquerade, nodes) = (self.range, self.masquerade, want.nodes.clone());
                 let mut keepers = self.keepers.take().unwrap_or_default();
                 Some(tokio::task::spawn_blocking(move || {
-                    let mut errors = Vec::new();
-                    if let Err(e) = keepers.0.tick(&spec) {
-                        errors.push(e);
-                    }
-                    if masquerade {
-                        if let Err(e) = keepers.1.tick(range, &nodes) {
-                            errors.push(e);
-                        }
-                    }
-                    (keepers, errors)
+                    let guarded = keepers.0.tick(&spec).err();
+                    let egress = if masquerade {
+                        keepers.1.tick(range, &nodes).err()
+                    } else {
+                        None
+                    };
+                    (keepers, guarded, egress)
                 }))
             }
         };
         if let Some(mut handle) = running {
             match tokio::time::timeout(FIREWALL_WAIT, &mut handle).await {
-                Ok(Ok((keepers, errors))) => {
+                Ok(Ok((keepers, guarded, egress))) => {
                     self.keepers = Some(keepers);
-                    errors.into_iter().for_each(&mut add);
+                    egress.into_iter().for_each(&mut add);
+                    if guarded != self.guard_problem {
+                        match &guarded {
+                            Some(e) => {
+                                tracing::warn!(problem = %e, "the overlay guard is not in place: VXLAN from anyone is accepted")
+                            }
+                            None => tracing::info!("overlay guard in place"),
+                        }
+                        self.guard_problem = guarded;
+                    }
                 }
                 Ok(Err(e)) => add(format!("the firewall update failed: {e}")),
                 Err(_) => {

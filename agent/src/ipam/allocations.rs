@@ -185,11 +185,17 @@ impl AllocationTable {
 
     /// The allocations of `network` whose attachment (container id, interface) is not in
     /// `valid`: what a CNI GC of that network releases.
+    ///
+    /// An allocation from before keys carried the network (network empty) may belong to
+    /// another network of a live container (a second interface): it is stale only when its
+    /// container is not listed at all.
     pub fn stale_in(&self, network: &str, valid: &BTreeSet<(String, String)>) -> Vec<Allocation> {
+        let live: BTreeSet<&str> = valid.iter().map(|(c, _)| c.as_str()).collect();
         self.by_key
             .values()
             .filter(|a| a.key.in_network(network))
             .filter(|a| !valid.contains(&(a.key.container_id.clone(), a.key.ifname.clone())))
+            .filter(|a| !(a.key.network.is_empty() && live.contains(a.key.container_id.as_str())))
             .cloned()
             .collect()
     }
@@ -313,6 +319,10 @@ mod tests {
         // GC of "one" with only "c" valid releases the legacy entry, never network two's.
         let valid = BTreeSet::from([("c".to_string(), "eth0".to_string())]);
         assert_eq!(t.stale_in("one", &valid), vec![legacy.clone()]);
+        // ...but not when its container is alive under another interface: it may be that
+        // container's attachment to another network.
+        let alive = BTreeSet::from([("old".to_string(), "net1".to_string())]);
+        assert!(!t.stale_in("one", &alive).contains(&legacy));
         let nothing_valid = BTreeSet::new();
         let stale: Vec<String> = t
             .stale_in("one", &nothing_valid)

@@ -32,7 +32,8 @@ pub enum Discard {
     /// peers. Never on the only node of a mesh (its blocks would be lost).
     Ring,
     /// Peer id, incarnation and key: the node joins as a new peer; reclaim the old one
-    /// with `meshctl rmpeer` from another node.
+    /// with `meshctl rmpeer` from another node. Drain the node and discard allocations too:
+    /// the old peer's blocks, with the addresses its pods hold, go to other nodes.
     Identity,
     /// Tables mesh never writes (a foreign file shares the directory).
     Foreign,
@@ -113,8 +114,9 @@ const DISCARD_RING: &str =
     "if other nodes are up, 'mesh-agent store repair --discard ring' (the ring is \
      learned back from them); if this was the only node, restore the file from a backup";
 const DISCARD_IDENTITY: &str =
-    "'mesh-agent store repair --discard identity' (the node rejoins as a new peer; \
-     reclaim the old one with 'meshctl rmpeer' on another node)";
+    "drain this node's pods, then 'mesh-agent store repair --discard identity --discard allocations' \
+     (the node rejoins as a new peer; reclaim the old one with 'meshctl rmpeer' on another node: \
+     its blocks, and the addresses in them, go to other nodes)";
 
 /// Reads `<dir>/mesh.redb` without changing it.
 pub fn inspect(dir: &Path) -> Result<Inspection, StoreError> {

@@ -131,7 +131,9 @@ impl Store {
             Some(v) if v == SCHEMA_VERSION => Ok(()),
             Some(v) if v > SCHEMA_VERSION => Err(self.refused(format!(
                 "was written by a newer mesh-agent (schema {v}; this one knows up to \
-                 {SCHEMA_VERSION}): run the newer version, or restore the file it replaced"
+                 {SCHEMA_VERSION}): run the newer version, or go back to the copy the newer \
+                 version kept when it migrated this file (mesh.redb.before-schema-{v}, if it \
+                 made one; allocations made since are not in it)"
             ))),
             Some(v) => self.migrate(v),
         }
@@ -172,6 +174,19 @@ impl Store {
     }
 
     fn migrate(&self, from: u32) -> Result<(), StoreError> {
+        if from != 0 {
+            // A way back for a rollback to the agent that wrote it (it cannot read the new
+            // layout). Nothing is being written while the file is copied: we hold its lock.
+            let copy = self
+                .path
+                .with_file_name(format!("mesh.redb.before-schema-{SCHEMA_VERSION}"));
+            std::fs::copy(&self.path, &copy).map_err(|e| {
+                self.refused(format!(
+                    "needs migrating to schema {SCHEMA_VERSION}, and a copy could not be kept first ({}: {e}); nothing was changed",
+                    copy.display()
+                ))
+            })?;
+        }
         let tx = self.db.begin_write()?;
         if from == 1 {
             ipam::migrate_allocations_v1(&tx)?;
@@ -303,6 +318,10 @@ mod tests {
         }
         let s = Store::open(dir.path()).unwrap();
         assert_eq!(s.schema_version().unwrap(), Some(SCHEMA_VERSION));
+        assert!(
+            dir.path().join("mesh.redb.before-schema-2").exists(),
+            "a copy for a rollback is kept"
+        );
         let r = s.load_ipam("10.32.0.0/12").unwrap();
         assert_eq!(r.allocations.len(), 1);
         assert_eq!(

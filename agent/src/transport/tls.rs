@@ -1,16 +1,19 @@
 //! Who may connect: mutual TLS 1.3 where every node certificate is signed by a CA that
 //! every agent derives from the cluster secret.
 //!
-//! The CA key is Ed25519 with its seed = Argon2id(secret), so agents with the same secret
-//! trust each other without ever exchanging a certificate, and a peer with another secret
-//! fails the handshake (unknown issuer / bad signature) on both ends. Each node signs its
-//! own certificate at start with a key kept in the state store.
+//! The CA key is Ed25519 with its seed derived from the secret (`SecretKdf`), so agents
+//! with the same secret trust each other without ever exchanging a certificate, and a peer
+//! with another secret fails the handshake (unknown issuer / bad signature) on both ends.
+//! Each node signs its own certificate at start with a key kept in the state store.
 //!
 //! Anyone who can reach the port sees a node certificate (the server sends it before it
-//! asks for the client's), so every handshake is an offline test for a guessed secret: the
-//! derivation is memory-hard (Argon2id, 19 MiB, 2 passes — OWASP's minimum; tens of ms,
-//! paid once per start by a node and once per guess by an attacker), and `strength`
-//! refuses secrets a password cracker would find (estimated by zxcvbn, not by length).
+//! asks for the client's), so every handshake is an offline test for a guessed secret.
+//! `strength` refuses secrets a password cracker would find (estimated by zxcvbn, not by
+//! length), and `--secret-kdf argon2id` makes each guess memory-hard (19 MiB, 2 passes —
+//! OWASP's minimum; tens of ms, paid once per start by a node and once per guess by an
+//! attacker). It is not the default yet: nodes with different KDFs do not authenticate each
+//! other, so switching an existing cluster splits its control plane until every node runs
+//! the same one (a transition that trusts both is future work).
 //!
 //! `--insecure-no-auth` replaces this with self-signed certificates and a verifier that
 //! checks only the handshake signature: encrypted, but anyone can join. It is an explicit
@@ -22,6 +25,7 @@ use rcgen::{
     BasicConstraints, CertificateParams, DistinguishedName, DnType, IsCa, Issuer, KeyPair,
     KeyUsagePurpose, PKCS_ED25519,
 };
+use ring::hkdf;
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::crypto::{verify_tls13_signature, CryptoProvider};
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer, ServerName, UnixTime};
@@ -32,9 +36,19 @@ use mesh_proto::wire::ALPN;
 
 /// The name every node certificate carries and every dialer asks for.
 pub const SERVER_NAME: &str = "mesh.peer";
-/// The Argon2id salt. v2: Argon2id (v1 was HKDF-SHA256; the CAs differ, so v1 and v2
-/// nodes do not authenticate each other).
-const CA_LABEL: &[u8] = b"mesh cluster CA v2";
+/// The HKDF salt (the default derivation, unchanged since the first release).
+const CA_LABEL: &[u8] = b"mesh cluster CA v1";
+/// The Argon2id salt: another label, so the two derivations never give the same CA.
+const CA_LABEL_ARGON2: &[u8] = b"mesh cluster CA v2 (argon2id)";
+
+/// How the CA key is derived from the cluster secret; every node must use the same.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum SecretKdf {
+    /// HKDF-SHA256: fast; what every earlier version used.
+    Hkdf,
+    /// Argon2id (19 MiB, 2 passes): each offline guess of the secret costs as much.
+    Argon2id,
+}
 
 /// The least a secret must cost a password cracker: zxcvbn's estimate of guesses, as a
 /// power of ten (10^16 ≈ 2^53, on top of the memory-hard derivation). A random secret
@@ -73,14 +87,14 @@ pub enum TlsError {
 
 /// How this agent authenticates peers.
 pub enum Auth {
-    ClusterSecret(Vec<u8>),
+    ClusterSecret(Vec<u8>, SecretKdf),
     InsecureNoAuth,
 }
 
 impl Auth {
     pub fn describe(&self) -> &'static str {
         match self {
-            Auth::ClusterSecret(_) => "mutual-tls (cluster secret)",
+            Auth::ClusterSecret(_, _) => "mutual-tls (cluster secret)",
             Auth::InsecureNoAuth => "insecure-no-auth",
         }
     }
@@ -105,16 +119,26 @@ fn ed25519_pkcs8(seed: &[u8; 32]) -> Vec<u8> {
     der
 }
 
-fn ca_key_from_secret(secret: &[u8]) -> Result<KeyPair, TlsError> {
+fn ca_key_from_secret(secret: &[u8], kdf: SecretKdf) -> Result<KeyPair, TlsError> {
     if secret.len() < 16 {
         return Err(TlsError::WeakSecret(secret.len()));
     }
-    let params = argon2::Params::new(19 * 1024, 2, 1, Some(32))
-        .map_err(|e| TlsError::Verifier(format!("Argon2 parameters: {e}")))?;
-    let kdf = argon2::Argon2::new(argon2::Algorithm::Argon2id, argon2::Version::V0x13, params);
     let mut seed = [0u8; 32];
-    kdf.hash_password_into(secret, CA_LABEL, &mut seed)
-        .map_err(|e| TlsError::Verifier(format!("Argon2id: {e}")))?;
+    match kdf {
+        SecretKdf::Hkdf => {
+            let prk = hkdf::Salt::new(hkdf::HKDF_SHA256, CA_LABEL).extract(secret);
+            prk.expand(&[b"ca-key"], hkdf::HKDF_SHA256)
+                .and_then(|okm| okm.fill(&mut seed))
+                .map_err(|_| TlsError::Verifier("HKDF expansion failed".into()))?;
+        }
+        SecretKdf::Argon2id => {
+            let params = argon2::Params::new(19 * 1024, 2, 1, Some(32))
+                .map_err(|e| TlsError::Verifier(format!("Argon2 parameters: {e}")))?;
+            argon2::Argon2::new(argon2::Algorithm::Argon2id, argon2::Version::V0x13, params)
+                .hash_password_into(secret, CA_LABEL_ARGON2, &mut seed)
+                .map_err(|e| TlsError::Verifier(format!("Argon2id: {e}")))?;
+        }
+    }
     let der = ed25519_pkcs8(&seed);
     let key = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(der));
     Ok(KeyPair::from_der_and_sign_algo(&key, &PKCS_ED25519)?)
@@ -159,8 +183,8 @@ pub fn endpoint_crypto(
     let params = node_params(node_name)?;
     let provider = provider();
     let (server, client) = match auth {
-        Auth::ClusterSecret(secret) => {
-            let ca_key = ca_key_from_secret(secret)?;
+        Auth::ClusterSecret(secret, kdf) => {
+            let ca_key = ca_key_from_secret(secret, *kdf)?;
             let ca_cert = ca_params().self_signed(&ca_key)?;
             let issuer = Issuer::new(ca_params(), ca_key);
             let cert = params.signed_by(&node_key, &issuer)?;
@@ -403,14 +427,20 @@ mod tests {
     }
 
     #[test]
-    fn the_ca_key_depends_on_the_secret_only() {
-        let a = ca_key_from_secret(b"m3Q9zq0l4cS8Vt1p2YxW7eR5uJ6nH0aK").unwrap();
-        let again = ca_key_from_secret(b"m3Q9zq0l4cS8Vt1p2YxW7eR5uJ6nH0aK").unwrap();
-        let other = ca_key_from_secret(b"m3Q9zq0l4cS8Vt1p2YxW7eR5uJ6nH0aL").unwrap();
-        assert_eq!(a.public_key_raw(), again.public_key_raw());
-        assert_ne!(a.public_key_raw(), other.public_key_raw());
+    fn the_ca_key_depends_on_the_secret_and_the_kdf_only() {
+        let secret = b"m3Q9zq0l4cS8Vt1p2YxW7eR5uJ6nH0aK";
+        for kdf in [SecretKdf::Hkdf, SecretKdf::Argon2id] {
+            let a = ca_key_from_secret(secret, kdf).unwrap();
+            let again = ca_key_from_secret(secret, kdf).unwrap();
+            let other = ca_key_from_secret(b"m3Q9zq0l4cS8Vt1p2YxW7eR5uJ6nH0aL", kdf).unwrap();
+            assert_eq!(a.public_key_raw(), again.public_key_raw());
+            assert_ne!(a.public_key_raw(), other.public_key_raw());
+        }
+        let hkdf = ca_key_from_secret(secret, SecretKdf::Hkdf).unwrap();
+        let argon = ca_key_from_secret(secret, SecretKdf::Argon2id).unwrap();
+        assert_ne!(hkdf.public_key_raw(), argon.public_key_raw());
         assert!(matches!(
-            ca_key_from_secret(b"short"),
+            ca_key_from_secret(b"short", SecretKdf::Hkdf),
             Err(TlsError::WeakSecret(5))
         ));
     }

@@ -1,5 +1,5 @@
-//! Forged VXLAN: nobody but a mesh member may put packets into the overlay, and a
-//! member only with its own addresses as inner sources.
+//! Forged VXLAN: nobody but a mesh member may put packets into the overlay, only to the
+//! node's own underlay address, and a member only with its own addresses as inner sources.
 
 use std::net::Ipv4Addr;
 use std::time::Duration;
@@ -65,6 +65,33 @@ pub(super) fn forged_vxlan_reaches_no_pod(tb: &mut Testbed) -> Result<()> {
             datagram(mac0, own_mac, pod1, target, what),
         )?;
     }
+    // 5. A pod on node 2 sends VXLAN to another address of node 1: its own node
+    //    masquerades it to node 2's (member) address, and the inner frame carries node 2's
+    //    VTEP MAC and the pod's own address — only "VXLAN to our underlay address" stops it.
+    let (remote_ns, _) = pod_on(tb, 1, 0)?;
+    let second = Ipv4Addr::new(192, 168, 77, 201);
+    let node0_ns = tb.nodes[0].netns.clone();
+    tb.ns(
+        &node0_ns,
+        &["ip", "addr", "add", &format!("{second}/24"), "dev", "eth0"],
+    )?;
+    let sent = forge::send_udp(
+        &remote_ns,
+        second,
+        VXLAN_PORT,
+        datagram(
+            mac0,
+            mac1,
+            pod1,
+            target,
+            "forged: masqueraded by its own node",
+        ),
+    );
+    tb.ns(
+        &node0_ns,
+        &["ip", "addr", "del", &format!("{second}/24"), "dev", "eth0"],
+    )?;
+    sent?;
     // 3. A stranger spoofs member 1's underlay address and VTEP MAC, but claims a pod
     //    address of node 2: the inner source is not the sending node's.
     let outer = |inner: Vec<u8>| forge::ipv4_udp(node1, node0, 40000, VXLAN_PORT, &inner);

@@ -46,6 +46,8 @@ pub struct UdpConfig {
     pub masquerade: bool,
     /// TUN queues (each with a tx and an rx thread).
     pub queues: usize,
+    /// Our underlay address: the only destination the guard admits VXLAN to.
+    pub local: std::net::Ipv4Addr,
 }
 
 /// The default number of queues: one per core, at most four.
@@ -292,7 +294,15 @@ pub async fn run(
     mut shutdown: watch::Receiver<bool>,
     metrics: Arc<Metrics>,
 ) {
-    let mut rounds = super::Rounds::new(DEVICE, cfg.range, cfg.masquerade, cfg.port, None, status);
+    let mut rounds = super::Rounds::new(
+        DEVICE,
+        cfg.range,
+        cfg.masquerade,
+        cfg.port,
+        cfg.local,
+        None,
+        status,
+    );
     let mut forwarder: Option<Forwarder> = None;
     loop {
         let want = desired.borrow_and_update().clone();

@@ -317,6 +317,7 @@ pub async fn run(
         cfg.range,
         cfg.masquerade,
         cfg.port,
+        cfg.local,
         Some(DEVICE),
         status,
     );
