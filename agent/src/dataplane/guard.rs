@@ -214,40 +214,37 @@ pub fn ruleset(spec: &GuardSpec) -> Nftables<'static> {
         ..Set::default()
     })));
     batch.add(NfListObject::Chain(base_chain("vxlan_in", NfHook::Input)));
-    batch.add(NfListObject::Rule(rule(
-        "vxlan_in",
-        vec![
-            matches(
-                payload("udp", "dport"),
-                Operator::EQ,
-                Expression::Number(u32::from(spec.port)),
-            ),
-            matches(
-                payload("ip", "saddr"),
-                Operator::NEQ,
-                Expression::String(Cow::Owned(format!("@{MEMBERS}"))),
-            ),
-            Statement::Counter(Counter::Anonymous(None)),
-            Statement::Drop(None),
-        ],
+    // VXLAN to our port is dropped unless it comes from a member and to our own address.
+    let vxlan_dropped_if = |condition: Statement<'static>, comment: &'static str| {
+        rule(
+            "vxlan_in",
+            vec![
+                matches(
+                    payload("udp", "dport"),
+                    Operator::EQ,
+                    Expression::Number(u32::from(spec.port)),
+                ),
+                condition,
+                Statement::Counter(Counter::Anonymous(None)),
+                Statement::Drop(None),
+            ],
+            comment,
+        )
+    };
+    batch.add(NfListObject::Rule(vxlan_dropped_if(
+        matches(
+            payload("ip", "saddr"),
+            Operator::NEQ,
+            Expression::String(Cow::Owned(format!("@{MEMBERS}"))),
+        ),
         "mesh: VXLAN only from mesh members",
     )));
-    batch.add(NfListObject::Rule(rule(
-        "vxlan_in",
-        vec![
-            matches(
-                payload("udp", "dport"),
-                Operator::EQ,
-                Expression::Number(u32::from(spec.port)),
-            ),
-            matches(
-                payload("ip", "daddr"),
-                Operator::NEQ,
-                Expression::String(Cow::Owned(spec.local.to_string())),
-            ),
-            Statement::Counter(Counter::Anonymous(None)),
-            Statement::Drop(None),
-        ],
+    batch.add(NfListObject::Rule(vxlan_dropped_if(
+        matches(
+            payload("ip", "daddr"),
+            Operator::NEQ,
+            Expression::String(Cow::Owned(spec.local.to_string())),
+        ),
         "mesh: VXLAN only to our underlay address",
     )));
 
