@@ -5,12 +5,11 @@
 //! sender would make them.
 
 use std::net::Ipv4Addr;
-use std::path::PathBuf;
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
+use crate::probe::enter;
 use anyhow::{anyhow, bail, Context, Result};
-use nix::sched::{setns, CloneFlags};
 
 /// The VNI mesh uses on the wire.
 pub const VNI: u32 = 6783;
@@ -65,13 +64,6 @@ pub fn vxlan(vni: u32, dst_mac: [u8; 6], src_mac: [u8; 6], inner: &[u8]) -> Vec<
     f.extend_from_slice(&0x0800u16.to_be_bytes());
     f.extend_from_slice(inner);
     f
-}
-
-fn enter(netns: &str) -> Result<()> {
-    let f = std::fs::File::open(PathBuf::from("/run/netns").join(netns))
-        .with_context(|| format!("open netns {netns}"))?;
-    setns(&f, CloneFlags::CLONE_NEWNET).with_context(|| format!("setns {netns}"))?;
-    Ok(())
 }
 
 /// Sends `payload` to `to`:`port` from namespace `netns` through a plain UDP socket

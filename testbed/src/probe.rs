@@ -10,7 +10,8 @@ use std::time::Duration;
 use anyhow::{anyhow, Context, Result};
 use nix::sched::{setns, CloneFlags};
 
-fn enter(netns: &str) -> Result<()> {
+/// Moves the calling thread into the named network namespace (`/run/netns/<netns>`).
+pub fn enter(netns: &str) -> Result<()> {
     let f = std::fs::File::open(PathBuf::from("/run/netns").join(netns))
         .with_context(|| format!("open netns {netns}"))?;
     setns(&f, CloneFlags::CLONE_NEWNET).with_context(|| format!("setns {netns}"))?;

@@ -8,72 +8,31 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use mesh_proto::api::Report;
 use mesh_proto::gossip::GossipMessage;
 use mesh_proto::wire::{self, Frame};
 use mesh_proto::{PeerId, PeerRecord};
-use tokio::sync::{mpsc, oneshot, watch};
+use tokio::sync::{mpsc, watch};
 use tracing::{debug, info, warn};
 
 use super::core::{Input, MeshCore, Output};
 use super::links::{preferred_dialer, DialRole, Link, Links};
 use super::status::StaticInfo;
-use crate::api::metrics::{DirectionLabel, GossipLabel, Metrics, ReasonLabel};
-use crate::ipam::allocations::AttachmentKey;
+use crate::api::metrics::{DirectionLabel, GossipLabel, Metrics};
 use crate::ipam::core::IpamInput;
-use crate::ipam::service::{AllocationReply, ApiFailure, IpamService, ReclaimReply};
+use crate::ipam::service::IpamService;
 use crate::store::Store;
-use crate::transport::admission::{Admission, AdmissionConfig, LogBudget, Verdict};
+use crate::transport::admission::{Admission, AdmissionConfig, LogBudget};
 use crate::transport::connection::{
     self, Direction, Local, TransportEvent, CLOSE_DUPLICATE, CLOSE_IDLE, CLOSE_REFUSED,
     CLOSE_SHUTDOWN,
 };
-use mesh_proto::api::{AllocationRequest, AllocationView, AttachmentRef, IpamStatusResponse};
+pub use requests::{ApiRequest, Health};
 
 /// Connection housekeeping period (dials, idle closes, gauges).
 const MAINTENANCE: Duration = Duration::from_millis(500);
 /// An outbound link that has been neither a neighbour nor a `--peers` target this long closes.
 const IDLE_CLOSE: Duration = Duration::from_secs(30);
 const SEND_QUEUE: usize = 256;
-
-/// The driver's heartbeat, read by the liveness and readiness probes directly (never
-/// queued behind CNI calls in the request channel): when it was last in its loop, and
-/// whether it is ready (connected to a peer, or has none to connect to).
-#[derive(Clone, Copy, Debug)]
-pub struct Health {
-    pub beat: Instant,
-    pub ready: bool,
-}
-
-pub enum ApiRequest {
-    Report(oneshot::Sender<Report>),
-    Allocate {
-        request: AllocationRequest,
-        reply: AllocationReply,
-    },
-    Release {
-        key: AttachmentKey,
-        reply: oneshot::Sender<Result<(), ApiFailure>>,
-    },
-    ListAllocations(oneshot::Sender<Vec<AllocationView>>),
-    Gc {
-        network: String,
-        valid: Vec<AttachmentRef>,
-        reply: oneshot::Sender<Result<Vec<AllocationView>, ApiFailure>>,
-    },
-    IpamStatus(oneshot::Sender<IpamStatusResponse>),
-    /// `meshctl rmpeer NAME`, or the Kubernetes leader reclaiming a deleted Node's space.
-    Reclaim {
-        name: String,
-        mode: crate::ipam::core::ReclaimMode,
-        reply: ReclaimReply,
-    },
-    /// The peer targets derived from Node objects (`--kube`), replacing the previous set.
-    SetKubeTargets(BTreeSet<String>),
-    /// The elected first split (`--kube`: the Lease holder): the answer says how many
-    /// addresses this node took, or why it did not split.
-    FirstSplit(oneshot::Sender<Result<u64, String>>),
-}
 
 pub struct DriverConfig {
     /// `--peers` targets as `host:port`, resolved on every dial.
@@ -441,38 +400,6 @@ impl Driver {
         }
     }
 
-    /// Pre-authentication limits (`transport::admission`): take the handshake on, answer
-    /// with a Retry, or drop it without a word.
-    fn on_incoming(&mut self, incoming: quinn::Incoming) {
-        let addr = incoming.remote_address();
-        let validated = incoming.remote_address_validated();
-        match self.admission.judge(Instant::now(), addr.ip(), validated) {
-            Verdict::Accept => {
-                tokio::spawn(connection::accept(
-                    incoming,
-                    self.local.clone(),
-                    self.events_tx.clone(),
-                ));
-            }
-            Verdict::Retry => {
-                self.metrics
-                    .handshakes_turned_away
-                    .get_or_create(&ReasonLabel { reason: "retry" })
-                    .inc();
-                if let Err(e) = incoming.retry() {
-                    e.into_incoming().ignore();
-                }
-            }
-            Verdict::Ignore(why) => {
-                self.metrics
-                    .handshakes_turned_away
-                    .get_or_create(&ReasonLabel { reason: why.name() })
-                    .inc();
-                incoming.ignore();
-            }
-        }
-    }
-
     fn on_established(&mut self, est: connection::Established, now: Instant) {
         if est.direction == Direction::In {
             self.admission.finished(est.addr.ip());
@@ -639,7 +566,9 @@ impl Driver {
     }
 }
 
+mod admission_glue;
 mod dataplane_glue;
 mod ipam_glue;
 mod kube_glue;
 mod reporting;
+mod requests;
